@@ -1,0 +1,1 @@
+"""LightningDataModules of lightning-edit."""

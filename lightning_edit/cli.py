@@ -1,0 +1,109 @@
+"""Command line: `lightning-edit run edit|sae|transcoder key=value ...`, also as `lightning run ...`.
+
+Recent `lightning` releases install no `lightning` executable; `lightning-sdk` installs one for its
+cloud CLI. Ours handles `run edit|sae|transcoder` and hands every other command to lightning-sdk's
+CLI when that package is installed, as lightning 2.3-2.5 did. `lightning-edit` and
+`python -m lightning_edit` take the same subcommands, so nothing depends on owning the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Sequence
+
+from lightning_edit.config import ConfigError, available_configs, describe, load_config
+from lightning_edit.jobs import JOBS, job_module
+
+SDK_ENTRYPOINT = "lightning_sdk.cli.entrypoint"
+
+
+def _build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="lightning-edit: train sparse components and edit LLMs through them.",
+        epilog="Example: %(prog)s run edit config=microedit.yaml data.limit=100",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run a job: " + ", ".join(JOBS), description="Run a job.")
+    run_sub = run.add_subparsers(dest="job", metavar="JOB")
+    for name in JOBS:
+        module = job_module(name)
+        job = run_sub.add_parser(
+            name,
+            help=module.SUMMARY,
+            description=f"{module.SUMMARY}\n\nDefault config: configs/{module.DEFAULT_CONFIG}. "
+            "Pass config=NAME.yaml to pick another file (from configs/ or a path), then any "
+            "number of key=value overrides (nested keys with dots).",
+            epilog="Config keys and their defaults:\n\n" + describe(module.SCHEMA)
+            + "\nConfig files: " + ", ".join(available_configs()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        job.add_argument("overrides", nargs="*", metavar="key=value", help="config=FILE and overrides")
+    world = sub.add_parser("world", help="build or inspect the embedded default world")
+    world.add_argument("--name", default="toyworld", help="toyworld (default) or toyworld-small")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--force", action="store_true", help="rebuild even when cached")
+    return parser
+
+
+def run_job(name: str, overrides: Sequence[str]) -> int:
+    """Load the job's config (defaults < file < overrides) and run it."""
+    module = job_module(name)
+    try:
+        cfg = load_config(module.SCHEMA, overrides, default_config=module.DEFAULT_CONFIG)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return int(module.run(cfg) or 0)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if not args.job:
+            parser.parse_args(["run", "--help"])
+        return run_job(args.job, args.overrides)
+    if args.command == "world":
+        from lightning_edit.world import build_world
+
+        world = build_world(args.name, seed=args.seed, force=args.force)
+        print(f"{args.name}: {world.root} (object-token accuracy {world.accuracy['accuracy']:.4f})")
+        return 0
+    parser.print_help()
+    return 0
+
+
+def _sdk_available() -> bool:
+    return importlib.util.find_spec("lightning_sdk") is not None
+
+
+def lightning_main(argv: Sequence[str] | None = None) -> int:
+    """The `lightning` executable: our `run` jobs, everything else to lightning-sdk's CLI."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours = argv[:1] == ["run"] and (len(argv) == 1 or argv[1] in JOBS or argv[1].startswith("-"))
+    if ours:
+        return main(argv, prog="lightning")
+    if argv and argv[0] not in ("-h", "--help") and _sdk_available():
+        # Same hand-over as lightning 2.3-2.5's entry point: the SDK's CLI with our argv.
+        os.execv(sys.executable, [sys.executable, "-m", SDK_ENTRYPOINT, *argv])
+    if not argv or argv[0] in ("-h", "--help"):
+        main(["--help"], prog="lightning")
+        if _sdk_available():
+            print("\nOther commands are handed to lightning-sdk's CLI (installed).")
+        return 0
+    print(
+        f"lightning: '{argv[0]}' is not a lightning-edit command. This `lightning` handles "
+        f"`lightning run {{{','.join(JOBS)}}}`; other commands belong to lightning-sdk's CLI, "
+        "which is not installed (pip install lightning-sdk).",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LightningModules of lightning-edit."""

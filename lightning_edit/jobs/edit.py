@@ -24,14 +24,6 @@ class ComponentConfig:
 
 
 @dataclass
-class EditorConfig:
-    """Which method, and its hyperparameters (checked against the method's own dataclass)."""
-
-    method: str = "microedit"
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class EditDataConfig:
     """The edit stream."""
 
@@ -55,7 +47,9 @@ class EvalConfig:
 @dataclass
 class EditJobConfig(RunConfig):
     component: ComponentConfig = field(default_factory=ComponentConfig)
-    editor: EditorConfig = field(default_factory=EditorConfig)
+    editor: dict[str, Any] = field(default_factory=lambda: {"method": "microedit"})
+    """`method` plus that method's hyperparameters, checked against the method's own dataclass
+    (`Editor.config_class`) before any edit, so a typo is still an error."""
     data: EditDataConfig = field(default_factory=EditDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -1,0 +1,69 @@
+"""The edit record: one requested change to a model, whatever file it came from.
+
+Every reader in `readers.py` maps its dataset onto `EditRecord`; editors, the edit stream and the
+metrics only ever see this type (METHODS.md section 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KINDS = ("fact", "hallucination")
+
+
+@dataclass
+class LocalityPair:
+    """A prompt the edit must leave alone, with the answer the dataset gives for it."""
+
+    prompt: str
+    """Text given to the model as is (ZsRE's `nq question: ...` prefix is kept verbatim)."""
+    answer: str | None = None
+    """Expected continuation; None when the dataset gives none. Loc compares the edited model with
+    the unedited one either way, so the answer only chooses which positions are compared."""
+
+
+@dataclass
+class EditRecord:
+    """One edit request, in the shape METHODS.md section 3 defines."""
+
+    prompt: str
+    """The full edit prompt, subject filled in (CounterFact's "{}" template is formatted)."""
+    target_new: str
+    """The answer the edited model should give; teacher forcing feeds `prompt + " " + target_new`."""
+    subject: str | None = None
+    """The entity whose last token is the edit's key position; None when the dataset has none."""
+    ground_truth: str | None = None
+    """The answer before the edit, when the dataset gives one (the first alias where it lists several)."""
+    rephrase_prompts: list[str] = field(default_factory=list)
+    """Paraphrases of `prompt`, scored for Gen with the same target."""
+    locality: list[LocalityPair] = field(default_factory=list)
+    """Unrelated prompts scored for Loc."""
+    kind: str = "fact"
+    """"fact" (Rel = token accuracy) or "hallucination" (Rel = perplexity of `target_new`)."""
+    case_id: str | int | None = None
+    """The dataset's id for the record, or its 0-based index in the file when it has none."""
+    source: str | None = None
+    """Path of the file the record was read from."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Dataset fields with no place above (portability probes, templates, aliases), kept verbatim."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"EditRecord.kind is {self.kind!r} (expected one of {', '.join(KINDS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of JSON types (the inverse of `from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditRecord:
+        """Rebuild a record from `to_dict` output; locality pairs may be dicts or `LocalityPair`s."""
+        data = dict(data)
+        data["locality"] = [
+            p if isinstance(p, LocalityPair) else LocalityPair(p["prompt"], p.get("answer"))
+            for p in data.get("locality", [])
+        ]
+        data["rephrase_prompts"] = list(data.get("rephrase_prompts", []))
+        data["extra"] = dict(data.get("extra", {}))
+        return cls(**data)

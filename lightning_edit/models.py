@@ -1,0 +1,369 @@
+"""The one architecture adapter through which all model access goes.
+
+Everything (layer list, MLP, down projection, final norm, embeddings) is resolved structurally from
+the model's own modules, never from its name or ``config.model_type``: a new architecture that is
+shaped like a decoder-only transformer works without touching this file.
+
+Hookpoints are module names relative to ``ModelAdapter.base_model`` (the module that owns the layer
+list), the convention of EleutherAI/sparsify: ``"layers.3.mlp"`` for Llama, ``"h.3.mlp"`` for GPT-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
+from transformers.pytorch_utils import Conv1D
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+HOOK_KINDS = ("forward", "forward_pre")
+
+
+def load_model(
+    name: str, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from an embedded world name, a local directory or the hub.
+
+    The model comes back in eval mode; a tokenizer without a pad token pads with its EOS token, so
+    batched scoring works for every model the same way.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    path = _world_model_path(name) or name
+    if Path(path).is_absolute() and not Path(path).is_dir():
+        # An absolute path is never a hub id: say so instead of a confusing repo-id error.
+        raise OSError(f"could not load model {name!r}: no such local directory {str(path)!r}")
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise OSError(f"could not load model {name!r}: directory {str(path)!r} has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = _load_tokenizer(path)
+    except OSError as err:
+        if Path(path).is_dir():  # e.g. a directory without config.json or tokenizer files
+            raise OSError(f"could not load model {name!r} from directory {str(path)!r}: {err}") from err
+        raise OSError(
+            f"could not load model {name!r}: not a local directory and the hub is unreachable "
+            f"or has no such model ({err})"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except that a checkpoint declaring the generic ``TokenizersBackend`` (what
+    transformers 5 writes for a plain tokenizer.json, e.g. a locally built WordLevel tokenizer) gets
+    exactly that: for some model types AutoTokenizer would otherwise substitute the type's own class
+    and silently tokenise with a different vocabulary."""
+    if get_tokenizer_config(path).get("tokenizer_class") == "TokenizersBackend":
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _world_model_path(name: str) -> Path | None:
+    """The embedded world's HF directory for ``name``, or None; tolerant of a world package in progress."""
+    try:
+        from lightning_edit.world import resolve_model_path
+    except (ImportError, AttributeError):
+        return None
+    return resolve_model_path(name)
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden state in a module's output: the tensor itself, or the first element of a tuple.
+
+    Decoder layers return one or the other depending on architecture and transformers version.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(output).__name__}")
+
+
+def with_hidden(output: Any, new_hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden state (see ``hidden_of``) replaced by ``new_hidden``."""
+    if isinstance(output, torch.Tensor):
+        return new_hidden
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return type(output)([new_hidden, *output[1:]])
+    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(output).__name__}")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear-like module (nn.Linear or GPT-2's Conv1D), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # weight is [in, out] = [nx, nf]
+        return module.nx, module.nf
+    return None
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as [out, in], aliasing the parameter (Conv1D is transposed)."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Structural test for a normalisation layer: any *RMSNorm / *LayerNorm class (torch's own included)."""
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """Class-name test used only to break a tie between equally wide down-projection candidates."""
+    name = type(module).__name__.lower()
+    return "attention" in name or "attn" in name
+
+
+def _match(pattern: str, name: str) -> bool:
+    """Glob match on dotted names where ``*`` stays within one segment: "layers.*" means the layers,
+    not every module below them (plain fnmatch would let ``*`` cross dots)."""
+    pattern_parts, name_parts = pattern.split("."), name.split(".")
+    return len(pattern_parts) == len(name_parts) and all(
+        fnmatchcase(n, p) for p, n in zip(pattern_parts, name_parts)
+    )
+
+
+class ModelAdapter:
+    """Structural view of a decoder-only causal LM: layers, MLPs, down projections, norms, hooks.
+
+    Only names are cached; modules are looked up on every access so that a ``swap`` is always seen.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        layers_path = self._find_layers_path()
+        self.base_model_prefix, _, self.layers_name = layers_path.rpartition(".")
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        self.hidden_size: int = int(hidden) if hidden else self.embeddings.embedding_dim
+        self.num_layers: int = len(self.layers)
+        # Per layer: (MLP child name, down projection path inside it) or the reason it is unresolvable.
+        self._mlp_paths: list[tuple[str, str] | str] = [
+            self._find_mlp(i, layer) for i, layer in enumerate(self.layers)
+        ]
+
+    # --- structure -------------------------------------------------------------------------------
+
+    def _find_layers_path(self) -> str:
+        """Path of the decoder layer list: the ModuleList of num_hidden_layers with the most parameters."""
+        config = getattr(self.model, "config", None)
+        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        candidates = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers)
+        ]
+        if not candidates:
+            raise ValueError(
+                f"{type(self.model).__name__}: no nn.ModuleList of length {n_layers} "
+                "(config.num_hidden_layers) to use as the decoder layers"
+            )
+        return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
+
+    def _find_mlp(self, i: int, layer: nn.Module) -> tuple[str, str] | str:
+        """(MLP child name, down path) for layer i, or why there is none.
+
+        The MLP is the direct child holding a linear-like d_ff -> hidden map with d_ff > hidden (the
+        down projection). Attention usually maps hidden -> hidden, so the widest such input wins; when
+        an attention output is exactly as wide (heads * head_dim == d_ff), the child whose class is
+        named like attention drops out.
+        """
+        found: list[tuple[int, str, str]] = []  # (d_ff, child name, path inside child)
+        for child_name, child in layer.named_children():
+            for path, sub in child.named_modules():
+                dims = linear_dims(sub)
+                if dims and dims[1] == self.hidden_size and dims[0] > self.hidden_size:
+                    found.append((dims[0], child_name, path))
+        if not found:
+            return f"layer {i} has no linear-like map from d_ff > {self.hidden_size} to {self.hidden_size}"
+        widest = max(d for d, _, _ in found)
+        best = [(c, p) for d, c, p in found if d == widest]
+        if len(best) > 1:
+            best = [(c, p) for c, p in best if not _is_attention(layer.get_submodule(c))] or best
+        if len(best) > 1:
+            names = [f"{c}.{p}" if p else c for c, p in best]
+            return f"layer {i} has several candidate down projections {names} (d_ff={widest})"
+        return best[0]
+
+    def _mlp_path(self, i: int) -> tuple[str, str]:
+        entry = self._mlp_paths[i]
+        if isinstance(entry, str):
+            raise ValueError(f"{type(self.model).__name__}: cannot resolve the MLP: {entry}")
+        return entry
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The module that owns the decoder layer list; hookpoints are relative to it."""
+        return self.model.get_submodule(self.base_model_prefix)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base_model.get_submodule(self.layers_name)
+
+    def layer(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def layer_name(self, i: int) -> str:
+        """Hookpoint name of layer i, e.g. "layers.3" / "h.3"."""
+        return f"{self.layers_name}.{i}"
+
+    def mlp_name(self, i: int) -> str:
+        """Hookpoint name of layer i's MLP, e.g. "layers.3.mlp" / "h.3.mlp"."""
+        return f"{self.layer_name(i)}.{self._mlp_path(i)[0]}"
+
+    def mlp(self, i: int) -> nn.Module:
+        return self.module(self.mlp_name(i))
+
+    def down_proj_name(self, i: int) -> str:
+        """Hookpoint name of layer i's down projection, e.g. "layers.3.mlp.down_proj"."""
+        child, path = self._mlp_path(i)
+        return ".".join(filter(None, (self.layer_name(i), child, path)))
+
+    def down_proj(self, i: int) -> nn.Module:
+        """Layer i's d_ff -> hidden projection: nn.Linear, or Conv1D (weight [in, out]) for GPT-2."""
+        return self.module(self.down_proj_name(i))
+
+    def down_proj_weight(self, i: int) -> torch.Tensor:
+        """Down projection weight as [d_model, d_ff], aliasing the parameter: in-place edits (under
+        torch.no_grad) land in the model."""
+        return weight_out_in(self.down_proj(i))
+
+    def intermediate_size(self, i: int) -> int:
+        return linear_dims(self.down_proj(i))[0]
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def unembedding(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def unembedding_weight(self) -> torch.Tensor:
+        """Unembedding as [vocab, d_model] (aliases the parameter; tied models share it with embeddings)."""
+        return weight_out_in(self.unembedding)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last layer: the last norm-like child of base_model (registered
+        after the layer list when there is one, so an embedding norm is never picked)."""
+        children = list(self.base_model.named_children())
+        after_layers = children[[name for name, _ in children].index(self.layers_name) + 1 :]
+        norms = [m for _, m in after_layers if is_norm(m)] or [m for _, m in children if is_norm(m)]
+        if not norms:
+            raise ValueError(
+                f"{type(self.model).__name__}: no norm-like child of {self._base_desc} "
+                f"among {[n for n, _ in children]}"
+            )
+        return norms[-1]
+
+    # --- hookpoints ------------------------------------------------------------------------------
+
+    def hookpoint_names(self) -> list[str]:
+        """Every module name under base_model, in registration order."""
+        return [name for name, _ in self.base_model.named_modules() if name]
+
+    def resolve_hookpoints(self, spec: str | list[str]) -> list[str]:
+        """Expand names or glob patterns ("layers.*.mlp", "h.*"; ``*`` within one dotted segment) to
+        hookpoint names in model order; every pattern must match something."""
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        names = self.hookpoint_names()
+        for pattern in patterns:
+            if not any(_match(pattern, name) for name in names):
+                raise ValueError(
+                    f"hookpoint {pattern!r} matches no module of {type(self.model).__name__}; "
+                    f"names are relative to {self._base_desc}, e.g. {self._examples()}"
+                )
+        return [name for name in names if any(_match(p, name) for p in patterns)]
+
+    @property
+    def _base_desc(self) -> str:
+        return repr(self.base_model_prefix) if self.base_model_prefix else "the model itself"
+
+    def _examples(self) -> list[str]:
+        examples = [self.layer_name(0), f"{self.layers_name}.*"]
+        if not isinstance(self._mlp_paths[0], str):
+            examples.append(f"{self.layers_name}.*.{self._mlp_paths[0][0]}")
+        return examples
+
+    def module(self, hookpoint: str) -> nn.Module:
+        try:
+            return self.base_model.get_submodule(hookpoint)
+        except AttributeError:
+            raise ValueError(
+                f"no module {hookpoint!r} in {type(self.model).__name__} (names are relative to "
+                f"{self._base_desc}, e.g. {self._examples()})"
+            ) from None
+
+    def hookpoint_io_dims(self, hookpoint: str) -> tuple[int, int]:
+        """(in, out) width of the hidden state entering and leaving a hookpoint.
+
+        Known structurally for linear-like modules, norms, the layers and their direct children
+        (attention, MLP: residual-stream in and out).
+        """
+        module = self.module(hookpoint)
+        dims = linear_dims(module)
+        if dims:
+            return dims
+        if is_norm(module) and getattr(module, "weight", None) is not None:
+            return module.weight.shape[-1], module.weight.shape[-1]
+        parts = hookpoint.split(".")
+        if parts[0] == self.layers_name and len(parts) in (2, 3) and parts[1].isdigit():
+            return self.hidden_size, self.hidden_size
+        raise ValueError(
+            f"cannot tell the input/output widths of hookpoint {hookpoint!r} ({type(module).__name__}); "
+            "known for layers, their direct children, linear-like modules and norms"
+        )
+
+    @contextmanager
+    def hooks(self, fns: dict[str, Callable], kind: str = "forward") -> Iterator[None]:
+        """Register torch hooks ``{hookpoint: fn}`` for the duration of the block; always removed.
+
+        forward: fn(module, args, output) -> new output or None;
+        forward_pre: fn(module, args) -> new args or None.
+        """
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"unknown hook kind {kind!r}; expected one of {HOOK_KINDS}")
+        handles = []
+        try:
+            for hookpoint, fn in fns.items():
+                module = self.module(hookpoint)
+                if kind == "forward":
+                    handles.append(module.register_forward_hook(fn))
+                else:
+                    handles.append(module.register_forward_pre_hook(fn))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def swap(self, hookpoint: str, new_module: nn.Module) -> Iterator[nn.Module]:
+        """Replace the module at ``hookpoint`` for the duration of the block (yields the original)."""
+        original = self.module(hookpoint)
+        self.base_model.set_submodule(hookpoint, new_module)
+        try:
+            yield original
+        finally:
+            self.base_model.set_submodule(hookpoint, original)

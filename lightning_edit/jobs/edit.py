@@ -1,14 +1,21 @@
-"""`run edit`: a lifelong stream of knowledge edits applied through one editor."""
+"""`run edit`: a lifelong stream of knowledge edits applied through one editor.
+
+config -> (validate editor config, read + validate every edit record) -> load model -> build editor
+-> editor.prepare(corpus) -> Trainer.fit(EditModule, EditStream) -> results table (printed, JSON, CSV,
+markdown, PNG) and the edit state (`<output_dir>/edit_state`, reloadable with `load_edited`).
+Everything that can be wrong in the config or the data fails before the model is loaded.
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_edit.config import RunConfig
+from lightning_edit.config import RunConfig, save_config
 
 SUMMARY = "apply a lifelong stream of knowledge edits (MicroEdit, TCPE, PNKE, MENT, FiNE, baselines)"
 DEFAULT_CONFIG = "microedit.yaml"
@@ -16,7 +23,7 @@ DEFAULT_CONFIG = "microedit.yaml"
 
 @dataclass
 class ComponentConfig:
-    """The sparse component an editor works through."""
+    """The sparse component an editor works through (ignored by editors that need none)."""
 
     path: str | None = None
     """A sparsify- or SAELens-layout checkpoint; None = find or train the default one for the world."""
@@ -28,20 +35,42 @@ class EditDataConfig:
     """The edit stream."""
 
     path: str | None = None
-    """Edit file (ZsRE, CounterFact, EasyEdit/KnowEdit JSON, SelfCheckGPT); None = the world's edits."""
+    """Edit file (ZsRE, CounterFact, EasyEdit/KnowEdit JSON, SelfCheckGPT); None = the embedded
+    world's CounterFact export (only when model.name is an embedded world)."""
     format: str = "auto"
     order_seed: int = 0
+    """Seeds the order of the stream (a permutation of the file's records)."""
     batch_size: int = 1
+    """Records per edit step; > 1 only for editors that support batches."""
     limit: int | None = 100
-    """T: how many edits to apply."""
+    """T: how many edits to apply (the first T of the seeded order); None = the whole file."""
+    corpus: str | None = None
+    """Text file (one passage a line) handed to `editor.prepare` for statistics and calibration;
+    None = the embedded world's corpus, or nothing for other models."""
 
 
 @dataclass
 class EvalConfig:
     checkpoints: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
-    """Edit counts T at which every edit so far is scored (final-state protocol)."""
+    """Edit counts T at which every edit so far is scored (final-state protocol); the stream's
+    end is always scored too."""
     immediate: bool = True
     """Also score each edit right after it is applied (immediate protocol)."""
+    batch_size: int = 32
+    """Prompts per forward pass when scoring."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Lightning checkpoints mid-stream (they hold the edit state, not the model's weights)."""
+
+    every_n_edits: int = 100
+    """Save after every this many edits (rounded to whole steps); `trainer.enable_checkpointing=false` turns saving off."""
+    save_last: bool = True
+    """Keep `<output_dir>/checkpoints/last.ckpt` current."""
+    resume: str | None = None
+    """Resume from this checkpoint, or `last` for `<output_dir>/checkpoints/last.ckpt`: every edit
+    is applied exactly once, as if the run had not stopped."""
 
 
 @dataclass
@@ -52,15 +81,108 @@ class EditJobConfig(RunConfig):
     (`Editor.config_class`) before any edit, so a typo is still an error."""
     data: EditDataConfig = field(default_factory=EditDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    threads: int | None = None
+    """torch CPU threads; None = the machine's cores (tiny models on shared cores: set 1)."""
 
 
 SCHEMA = EditJobConfig
 
 
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _read_corpus(cfg: DictConfig) -> list[str] | None:
+    if cfg.data.corpus:
+        path = Path(cfg.data.corpus)
+    else:
+        from lightning_edit.world import WORLD_NAMES, load_world
+
+        if cfg.model.name not in WORLD_NAMES:
+            return None
+        path = load_world(cfg.model.name).corpus_path
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
+    """lightning.Trainer from `cfg.trainer` as is, over defaults for an edit stream."""
+    from lightning import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_edit.loggers import build_loggers
+
+    kwargs: dict[str, Any] = {"max_epochs": 1, "enable_model_summary": False, "default_root_dir": str(output_dir)}
+    kwargs.update(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.setdefault("logger", build_loggers(cfg, output_dir, "edit") or False)
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    if kwargs.get("enable_checkpointing", True):
+        callbacks.append(ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="edits-{step}",
+            every_n_train_steps=max(1, cfg.checkpoint.every_n_edits // batch_size),
+            save_last=cfg.checkpoint.save_last,
+            save_top_k=1,
+        ))
+    return Trainer(callbacks=callbacks, **kwargs)
+
+
 def run(cfg: DictConfig) -> int:
-    print(
-        "lightning-edit: `run edit` is not available yet (the lifelong editing engine lands with "
-        "its own issue); the config was parsed and is valid.",
-        file=sys.stderr,
-    )
-    return 3
+    from datamodules.edits import EditStream
+    from lightning_edit.editors import editor_class
+    from lightning_edit.editors.state import build_editor, editor_config, save_edit_state
+    from lightning_edit.loggers import resolve_output_dir, seed_everything, set_cpu_threads
+    from lightning_edit.metrics import EditScorer
+    from lightning_edit.models import ModelAdapter, load_model
+    from lightning_edit.results import markdown_table, save_results
+    from modules.edit_module import EditModule
+
+    seed_everything(cfg.seed)
+    set_cpu_threads(cfg.threads)
+    output_dir = resolve_output_dir(cfg.output_dir, "edit")
+
+    # Everything checkable without the model fails here, before any work.
+    params = OmegaConf.to_container(cfg.editor, resolve=True)
+    method = params.get("method")
+    try:
+        editor_cls = editor_class(method)
+        editor_config(method, params)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    if cfg.data.batch_size > 1 and not editor_cls.supports_batch:
+        print(f"error: editor '{method}' edits one record at a time; data.batch_size must be 1 "
+              f"(got {cfg.data.batch_size})", file=sys.stderr)
+        return 2
+    stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, cfg.data.batch_size,
+                        cfg.data.limit, model_name=cfg.model.name)
+    stream.setup("fit")  # reads and validates every record: EditDataError names file, record, field
+    save_config(cfg, output_dir)
+
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
+    adapter = ModelAdapter(model)
+    component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
+    editor = build_editor(method, params, model, tokenizer, adapter, component_cfg)
+    editor.prepare(_read_corpus(cfg))
+
+    module = EditModule(editor, EditScorer(tokenizer, batch_size=cfg.eval.batch_size),
+                        checkpoints=cfg.eval.checkpoints, immediate=cfg.eval.immediate)
+    trainer = _trainer(cfg, output_dir, cfg.data.batch_size)
+    ckpt_path = cfg.checkpoint.resume
+    if ckpt_path == "last":
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
+
+    if trainer.is_global_zero:
+        title = f"{method} on {cfg.model.name}: {stream.num_edits} edits from {stream.path}"
+        meta = {"method": method, "model": cfg.model.name, "data": str(stream.path),
+                "order_seed": cfg.data.order_seed, "edits": len(editor.ledger), "output_dir": str(output_dir)}
+        save_results(module.rows, output_dir, meta=meta, title=title)
+        save_edit_state(editor, output_dir / "edit_state", model=cfg.model.name, component=component_cfg)
+        print(markdown_table(module.rows, title))
+        print(f"results, plot and edit state in {output_dir}")
+    return 0

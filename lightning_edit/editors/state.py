@@ -1,0 +1,172 @@
+"""Building an editor from config, and saving / loading its edit state (safetensors + JSON, no pickle).
+
+An edit state folder holds:
+- `editor.json`: the method, its validated hyperparameters, the base model and component it was
+  built over (enough to rebuild the same editor on a fresh copy of the base model);
+- `state.json`: `editor.state_dict()` with every tensor replaced by `{"__tensor__": key}`;
+- `tensors.safetensors`: those tensors;
+- `ledger.json`: the edit ledger (also reachable through `state.json`), for people to read.
+
+`load_edited(state_dir)` gives back (editor, model, tokenizer) with the edits applied; use the model
+inside `editor.edited()` (hooks, switches and spliced components are active only there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+
+from lightning_edit.editors import editor_class
+from lightning_edit.editors.base import Editor
+
+FORMAT_VERSION = 1
+TENSOR_KEY = "__tensor__"
+
+
+def editor_config(method: str, params: Mapping[str, Any]) -> Any:
+    """The method's config dataclass with `params` merged over its defaults; an unknown key or a
+    wrong type is a `ValueError` naming `editor.<key>` and the valid keys."""
+    cls = editor_class(method).config_class
+    params = {k: v for k, v in dict(params).items() if k != "method"}
+    if not dataclasses.is_dataclass(cls):
+        if params:
+            raise ValueError(f"editor '{method}' takes no hyperparameters; got {sorted(params)}")
+        return None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), params)
+    except OmegaConfBaseException as exc:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        key = getattr(exc, "full_key", None) or "?"
+        raise ValueError(f"editor.{key}: {str(exc).splitlines()[0]} (editor '{method}' keys: {valid})") from exc
+    return OmegaConf.to_object(merged)
+
+
+def build_editor(method: str, params: Mapping[str, Any], model, tokenizer, adapter,
+                 component_cfg: Mapping[str, Any] | None = None) -> Editor:
+    """Build editor `method` over `model`: validate its config, build its component (through the
+    editor's optional `build_component(component_cfg, model, tokenizer, adapter)` classmethod)."""
+    cls = editor_class(method)
+    cfg = editor_config(method, params)
+    component = None
+    build_component = getattr(cls, "build_component", None)
+    if build_component is not None:
+        component = build_component(dict(component_cfg or {}), model, tokenizer, adapter)
+    editor = cls(model, tokenizer, adapter, cfg, component)
+    editor.component_cfg = dict(component_cfg) if component_cfg is not None else None  # for save_edit_state
+    return editor
+
+
+# Edit state I/O ----------------------------------------------------------------------------------
+
+
+def _split_tensors(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of `obj` with tensors moved to `tensors` under their path in the structure."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        return {TENSOR_KEY: path}
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"edit state key {key!r} at {path or '/'} is not a string")
+            out[key] = _split_tensors(value, f"{path}/{key}" if path else key, tensors)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"edit state value at {path or '/'} is a {type(obj).__name__}; expected tensors, "
+                    "dicts, lists and JSON scalars")
+
+
+def _join_tensors(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR_KEY}:
+            return tensors[obj[TENSOR_KEY]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def _settings(editor: Editor) -> dict[str, Any]:
+    cfg = editor.cfg
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": editor.name,
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "model": getattr(editor, "model_name", None) or getattr(editor.model, "name_or_path", None),
+        "component": getattr(editor, "component_cfg", None),
+        "edits": len(editor.ledger),
+    }
+
+
+def save_edit_state(editor: Editor, directory: str | Path, **settings: Any) -> Path:
+    """Write `editor.state_dict()` and its settings to `directory` (see the module docstring).
+
+    Extra `settings` (e.g. `model=`, `component=`) override what is read off the editor.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors(editor.state_dict(), "", tensors)
+    save_file(tensors, str(directory / "tensors.safetensors"))
+    (directory / "state.json").write_text(json.dumps(skeleton) + "\n")
+    (directory / "ledger.json").write_text(json.dumps(editor.ledger_state(), indent=1) + "\n")
+    (directory / "editor.json").write_text(json.dumps({**_settings(editor), **settings}, indent=1) + "\n")
+    # A method may add its own files (e.g. an edited decoder in sparsify layout for other tools).
+    export = getattr(editor, "export_state", None)
+    if export is not None:
+        export(directory)
+    return directory
+
+
+def read_edit_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings from editor.json, the state dict with its tensors) of an edit state folder."""
+    directory = Path(directory)
+    missing = [n for n in ("editor.json", "state.json", "tensors.safetensors") if not (directory / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not an edit state folder (missing {', '.join(missing)})")
+    settings = json.loads((directory / "editor.json").read_text())
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}/editor.json: format_version {settings.get('format_version')!r} "
+                         f"(this version reads {FORMAT_VERSION})")
+    tensors = load_file(str(directory / "tensors.safetensors"))
+    state = _join_tensors(json.loads((directory / "state.json").read_text()), tensors)
+    return settings, state
+
+
+def load_edit_state(editor: Editor, directory: str | Path) -> Editor:
+    """Restore a saved edit state onto `editor` (built over a fresh copy of the same base model)."""
+    settings, state = read_edit_state(directory)
+    if settings["method"] != editor.name:
+        raise ValueError(f"{directory}: edit state of method '{settings['method']}', editor is '{editor.name}'")
+    editor.load_state_dict(state)
+    return editor
+
+
+def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str = "float32",
+                device: str = "cpu"):
+    """Rebuild the saved editor onto a fresh copy of its base model: (editor, model, tokenizer).
+
+    model_name: the base model (default: the one recorded in editor.json).
+    """
+    from lightning_edit.models import ModelAdapter, load_model
+
+    settings, _ = read_edit_state(state_dir)
+    model_name = model_name or settings.get("model")
+    if not model_name:
+        raise ValueError(f"{state_dir}/editor.json records no base model; pass model_name")
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    adapter = ModelAdapter(model)
+    editor = build_editor(settings["method"], settings.get("config") or {}, model, tokenizer, adapter,
+                          settings.get("component"))
+    load_edit_state(editor, state_dir)
+    return editor, model, tokenizer

@@ -5,7 +5,9 @@ An edit state folder holds:
   built over (enough to rebuild the same editor on a fresh copy of the base model);
 - `state.json`: `editor.state_dict()` with every tensor replaced by `{"__tensor__": key}`;
 - `tensors.safetensors`: those tensors;
-- `ledger.json`: the edit ledger (also reachable through `state.json`), for people to read.
+- `ledger.json`: the edit ledger (also reachable through `state.json`), for people to read;
+- `sae/<hookpoint>/`: for editors with an `export_sae` method, the edited component in sparsify
+  layout (for other tools; reloading goes through `state.json`).
 
 `load_edited(state_dir)` gives back (editor, model, tokenizer) with the edits applied; use the model
 inside `editor.edited()` (hooks, switches and spliced components are active only there).
@@ -49,17 +51,25 @@ def editor_config(method: str, params: Mapping[str, Any]) -> Any:
 
 
 def build_editor(method: str, params: Mapping[str, Any], model, tokenizer, adapter,
-                 component_cfg: Mapping[str, Any] | None = None) -> Editor:
-    """Build editor `method` over `model`: validate its config, build its component (through the
-    editor's optional `build_component(component_cfg, model, tokenizer, adapter)` classmethod)."""
+                 component_cfg: Mapping[str, Any] | None = None, model_name: str | None = None) -> Editor:
+    """Build editor `method` over `model` with its validated config.
+
+    An editor that needs more than its config (a sparse component to load, find or train) builds
+    itself through a classmethod `from_config(cfg, model, tokenizer, adapter)`, handed the job
+    config's `editor`, `component` and `model` sections; the others are `cls(model, tokenizer,
+    adapter, config)`.
+    """
     cls = editor_class(method)
     cfg = editor_config(method, params)
-    component = None
-    build_component = getattr(cls, "build_component", None)
-    if build_component is not None:
-        component = build_component(dict(component_cfg or {}), model, tokenizer, adapter)
-    editor = cls(model, tokenizer, adapter, cfg, component)
+    from_config = getattr(cls, "from_config", None)
+    if from_config is not None:
+        job_cfg = {"editor": {**dict(params), "method": method}, "component": dict(component_cfg or {}),
+                   "model": {"name": model_name}}
+        editor = from_config(job_cfg, model, tokenizer, adapter)
+    else:
+        editor = cls(model, tokenizer, adapter, cfg)
     editor.component_cfg = dict(component_cfg) if component_cfg is not None else None  # for save_edit_state
+    editor.model_name = model_name
     return editor
 
 
@@ -74,8 +84,9 @@ def _split_tensors(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any
     if isinstance(obj, Mapping):
         out = {}
         for key, value in obj.items():
-            if not isinstance(key, str):
-                raise TypeError(f"edit state key {key!r} at {path or '/'} is not a string")
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(f"edit state key {key!r} at {path or '/'} is not a string or an integer")
+            key = str(key)  # JSON object keys are strings; editors read integer ids back with int()
             out[key] = _split_tensors(value, f"{path}/{key}" if path else key, tensors)
         return out
     if isinstance(obj, (list, tuple)):
@@ -121,10 +132,10 @@ def save_edit_state(editor: Editor, directory: str | Path, **settings: Any) -> P
     (directory / "state.json").write_text(json.dumps(skeleton) + "\n")
     (directory / "ledger.json").write_text(json.dumps(editor.ledger_state(), indent=1) + "\n")
     (directory / "editor.json").write_text(json.dumps({**_settings(editor), **settings}, indent=1) + "\n")
-    # A method may add its own files (e.g. an edited decoder in sparsify layout for other tools).
-    export = getattr(editor, "export_state", None)
-    if export is not None:
-        export(directory)
+    # A method with a sparse component also exports it as edited, in sparsify layout, for other tools.
+    export_sae = getattr(editor, "export_sae", None)
+    if export_sae is not None:
+        export_sae(directory / "sae")
     return directory
 
 
@@ -167,6 +178,6 @@ def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     adapter = ModelAdapter(model)
     editor = build_editor(settings["method"], settings.get("config") or {}, model, tokenizer, adapter,
-                          settings.get("component"))
+                          settings.get("component"), model_name)
     load_edit_state(editor, state_dir)
     return editor, model, tokenizer

@@ -9,6 +9,7 @@ Everything that can be wrong in the config or the data fails before the model is
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
 
     from lightning_edit.loggers import build_loggers
 
-    kwargs: dict[str, Any] = {"max_epochs": 1, "enable_model_summary": False, "default_root_dir": str(output_dir)}
+    # log_every_n_steps: the module logs straight to the loggers (step = T), this only quiets a warning.
+    kwargs: dict[str, Any] = {"max_epochs": 1, "enable_model_summary": False, "log_every_n_steps": 1,
+                              "default_root_dir": str(output_dir)}
     kwargs.update(OmegaConf.to_container(cfg.trainer, resolve=True))
     kwargs.setdefault("logger", build_loggers(cfg, output_dir, "edit") or False)
     callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -131,6 +134,16 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
     return Trainer(callbacks=callbacks, **kwargs)
 
 
+def _keep_csv_log(output_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the earlier part."""
+    log = output_dir / "csv" / "metrics.csv"
+    if log.is_file():
+        n = 1
+        while (kept := log.with_name(f"metrics.part{n}.csv")).exists():
+            n += 1
+        log.rename(kept)
+
+
 def run(cfg: DictConfig) -> int:
     from datamodules.edits import EditStream
     from lightning_edit.editors import editor_class
@@ -141,6 +154,9 @@ def run(cfg: DictConfig) -> int:
     from lightning_edit.results import markdown_table, save_results
     from modules.edit_module import EditModule
 
+    # Lightning asks manual-optimisation users to checkpoint the state before optimizer.step();
+    # for an edit stream the state after the edit is exactly what a checkpoint must hold.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     seed_everything(cfg.seed)
     set_cpu_threads(cfg.threads)
     output_dir = resolve_output_dir(cfg.output_dir, "edit")
@@ -166,15 +182,19 @@ def run(cfg: DictConfig) -> int:
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
     adapter = ModelAdapter(model)
     component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
-    editor = build_editor(method, params, model, tokenizer, adapter, component_cfg)
+    editor = build_editor(method, params, model, tokenizer, adapter, component_cfg, cfg.model.name)
     editor.prepare(_read_corpus(cfg))
 
     module = EditModule(editor, EditScorer(tokenizer, batch_size=cfg.eval.batch_size),
                         checkpoints=cfg.eval.checkpoints, immediate=cfg.eval.immediate)
-    trainer = _trainer(cfg, output_dir, cfg.data.batch_size)
     ckpt_path = cfg.checkpoint.resume
     if ckpt_path == "last":
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {ckpt_path}")
+        _keep_csv_log(output_dir)
+    trainer = _trainer(cfg, output_dir, cfg.data.batch_size)
     trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
 
     if trainer.is_global_zero:

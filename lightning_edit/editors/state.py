@@ -181,3 +181,21 @@ def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str
                           settings.get("component"), model_name)
     load_edit_state(editor, state_dir)
     return editor, model, tokenizer
+
+
+def generate(editor: Editor, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuations of `prompts` by the edited model (the editor's own `generate` when it
+    has one, e.g. to hold a scope switch's decision over the generated tokens)."""
+    own = getattr(editor, "generate", None)
+    if own is not None:
+        return own(prompts, max_new_tokens=max_new_tokens)
+    tokenizer = editor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continue at the right end
+    try:
+        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(editor.device)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad(), editor.edited() as model:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

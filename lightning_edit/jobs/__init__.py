@@ -14,6 +14,7 @@ JOBS: dict[str, str] = {
     "edit": "lightning_edit.jobs.edit",
     "sae": "lightning_edit.jobs.sparse",
     "transcoder": "lightning_edit.jobs.transcoder",
+    "generate": "lightning_edit.jobs.generate",
 }
 
 

@@ -1,0 +1,76 @@
+"""`run generate`: ask an edited model questions (greedy continuations of prompts).
+
+    lightning run generate state=runs/edit/<stamp> prompt="At home Viahand Guba keeps a pet"
+
+Rebuilds the editor from a saved edit state onto a fresh copy of its base model
+(`lightning_edit.editors.state.load_edited`), then continues each prompt with the edits applied
+(scope switches included) and, for comparison, with the base model.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+SUMMARY = "continue prompts with an edited model (from a run's saved edit state)"
+DEFAULT_CONFIG = None
+
+
+@dataclass
+class GenerateConfig:
+    state: str = "???"
+    """An edit state folder, or the run folder holding `edit_state/`."""
+    prompt: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to continue (`prompt` adds one)."""
+    max_new_tokens: int = 8
+    model: str | None = None
+    """Base model; None = the one recorded in the edit state."""
+    device: str = "cpu"
+    compare: bool = True
+    """Also show the unedited model's continuation."""
+
+
+SCHEMA = GenerateConfig
+
+
+def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
+    import torch
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continue at the right end
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(cfg: DictConfig) -> int:
+    from lightning_edit.editors.state import generate, load_edited
+    from lightning_edit.models import load_model
+
+    state = Path(cfg.state)
+    if (state / "edit_state").is_dir():
+        state = state / "edit_state"
+    prompts = list(cfg.prompts) + ([cfg.prompt] if cfg.prompt else [])
+    if not prompts:
+        print("error: give prompt=... or prompts=[...]", file=sys.stderr)
+        return 2
+    editor, _, tokenizer = load_edited(state, cfg.model, device=cfg.device)
+    edited = generate(editor, prompts, cfg.max_new_tokens)
+    base = None
+    if cfg.compare:  # a second, untouched copy of the base model
+        base_model, _ = load_model(editor.model_name, device=cfg.device)
+        base = _greedy(base_model, tokenizer, prompts, cfg.max_new_tokens, cfg.device)
+    print(f"edited model: {editor.name} with {len(editor.ledger)} edits ({state})")
+    for i, prompt in enumerate(prompts):
+        print(f"> {prompt}\n  edited: {edited[i].strip()}")
+        if base is not None:
+            print(f"  base:   {base[i].strip()}")
+    return 0

@@ -102,6 +102,10 @@ class EditModule(LightningModule):
                 raise RuntimeError("EditModule.setup: the editor has edits already; the scorer needs the unedited model")
             self.scorer.prepare(model, records)
 
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch > 0:
+            raise RuntimeError("an edit stream is one epoch: a second would apply every edit again")
+
     def training_step(self, batch: list[EditRecord], batch_idx: int) -> None:
         if len(batch) > 1 and not self.editor.supports_batch:
             raise ValueError(f"editor '{self.editor.name}' edits one record at a time; set data.batch_size=1")

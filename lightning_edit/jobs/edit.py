@@ -121,6 +121,9 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
     kwargs: dict[str, Any] = {"max_epochs": 1, "enable_model_summary": False, "log_every_n_steps": 1,
                               "default_root_dir": str(output_dir)}
     kwargs.update(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if kwargs["max_epochs"] != 1:  # a second pass would apply every edit again
+        raise ValueError(f"trainer.max_epochs is {kwargs['max_epochs']}; an edit stream is one epoch "
+                         "(use data.limit for T, trainer.max_steps to stop early)")
     kwargs.setdefault("logger", build_loggers(cfg, output_dir, "edit") or False)
     callbacks = list(kwargs.pop("callbacks", None) or [])
     if kwargs.get("enable_checkpointing", True):

@@ -201,7 +201,7 @@ def run(cfg: DictConfig) -> int:
     trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
 
     if trainer.is_global_zero:
-        title = f"{method} on {cfg.model.name}: {stream.num_edits} edits from {stream.path}"
+        title = f"{method} on {cfg.model.name}: {stream.num_edits} edits from {Path(stream.path).name}"
         meta = {"method": method, "model": cfg.model.name, "data": str(stream.path),
                 "order_seed": cfg.data.order_seed, "edits": len(editor.ledger), "output_dir": str(output_dir)}
         save_results(module.rows, output_dir, meta=meta, title=title)

@@ -85,7 +85,11 @@ def wandb_mode(configured: str | None) -> str:
 
 
 def build_loggers(cfg: Any, output_dir: Path, job: str) -> list:
-    """Lightning loggers for ``cfg.logger`` (wandb+csv, wandb, csv, none); files under output_dir."""
+    """Lightning loggers for ``cfg.logger`` (wandb+csv, wandb, csv, none); files under output_dir.
+
+    CSV goes to ``<output_dir>/csv/metrics.csv``; a run resumed in the same folder writes
+    ``csv/resumed-<timestamp>/metrics.csv`` instead of overwriting the first part.
+    """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     kinds = {"wandb+csv": ("wandb", "csv"), "wandb": ("wandb",), "csv": ("csv",), "none": ()}[cfg.logger]
@@ -108,6 +112,8 @@ def build_loggers(cfg: Any, output_dir: Path, job: str) -> list:
                 )
             )
     if "csv" in kinds:
-        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+        first = not (output_dir / "csv" / "metrics.csv").exists()
+        version = "" if first else f"resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=version))
     return loggers
 

@@ -464,6 +464,7 @@ class SparseCoderModule(LightningModule):
             metric.reset()
         if self.trainer.sanity_checking:
             return
-        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        # Already reduced over ranks by torchmetrics; sync_dist averages equal values (and is quiet).
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True)
         self.final_metrics = results
         self.last_val_step = self.global_step

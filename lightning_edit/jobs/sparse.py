@@ -186,6 +186,10 @@ def train(cfg: DictConfig, job: str) -> int:
         save_config(cfg, output_dir)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+    # Checkpoints hold the state after step N, which is what resume at global_step N expects.
+    warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
+    if ckpt_path:
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -230,7 +234,7 @@ def train(cfg: DictConfig, job: str) -> int:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(checkpoints / "last.ckpt")  # the final state, for resume=last
+    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # the final state, for resume=last
     if not trainer.is_global_zero:
         return 0
 

@@ -1,0 +1,105 @@
+"""`LocalityEval`: drift on held-out prompts, against the model before its first edit.
+
+The reference is captured in `setup`, before a checkpoint is restored, from `editor.edited()` with
+no edits applied (a spliced component included, so the numbers measure what the edits changed), and
+saved in the callback's checkpoint state. Logged with step = T at T = 0 and each checkpoint:
+`locality/agreement` (argmax tokens unchanged), `locality/kl` (mean KL(unedited || edited) of the
+next-token distributions over all positions), `locality/seconds`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_edit.downstream import LocalityReference, capture_reference, compare, held_out_prompts
+
+from .common import crossed, edit_count, log_metrics, stream_length, stream_records
+
+
+class LocalityEval(Callback):
+    """prompts: the held-out prompts as given; else `n_prompts` lines of `candidates` (seeded) that
+    mention no subject of the stream."""
+
+    def __init__(self, at: Sequence[int], at_end: bool = True, prompts: Sequence[str] | None = None,
+                 candidates: Sequence[str] | None = None, n_prompts: int = 200, seed: int = 0,
+                 batch_size: int = 32, topk: int | None = None, max_reference_elements: int = 1 << 26):
+        if prompts is None and candidates is None:
+            raise ValueError("LocalityEval needs `prompts` or `candidates` (corpus lines to sample from)")
+        self.at = sorted({int(t) for t in at if int(t) > 0})
+        self.at_end = at_end
+        self.prompts = list(prompts) if prompts is not None else None
+        self.candidates = list(candidates) if candidates is not None else None
+        self.n_prompts = n_prompts
+        self.seed = seed
+        self.batch_size = batch_size
+        self.topk = topk
+        self.max_reference_elements = max_reference_elements
+        self.reference: LocalityReference | None = None
+        self.history: list[dict[str, float]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.reference is not None:
+            return
+        editor = pl_module.editor
+        if editor.ledger:
+            rank_zero_warn("LocalityEval: the editor has edits already, so the unedited reference cannot be "
+                           "captured; it is expected from the checkpoint being resumed")
+            return
+        prompts = self.prompts
+        if prompts is None:
+            subjects = [r.subject for r in stream_records(trainer) if r.subject]
+            prompts = held_out_prompts(self.candidates, subjects, self.n_prompts, self.seed)
+        if not prompts:
+            raise ValueError("LocalityEval: no held-out prompts (every candidate line mentions a subject of the "
+                             "stream); set callbacks.locality.prompts_path")
+        with editor.edited() as model:
+            self.reference = capture_reference(model, editor.tokenizer, prompts, self.batch_size, self.topk,
+                                               self.max_reference_elements)
+
+    @property
+    def done(self) -> set[int]:
+        return {int(row["T"]) for row in self.history}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and edit_count(pl_module) == 0 and 0 not in self.done:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        t = edit_count(pl_module)
+        end = self.at_end and t == stream_length(trainer, pl_module)
+        if (crossed(self.at, t, len(batch)) or end) and t not in self.done:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        t = edit_count(pl_module)
+        if trainer.is_global_zero and self.at_end and t > 0 and t not in self.done:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> dict[str, float] | None:
+        if self.reference is None:
+            rank_zero_warn("LocalityEval: no unedited reference (see the warning at setup); nothing logged")
+            return None
+        t = edit_count(pl_module)
+        editor = pl_module.editor
+        start = time.perf_counter()
+        with editor.edited() as model:
+            scores = compare(self.reference, model, editor.tokenizer, self.batch_size)
+        scores["seconds"] = time.perf_counter() - start
+        self.history.append({"T": t, **scores})
+        log_metrics(trainer, {f"locality/{k}": v for k, v in scores.items()}, step=t)
+        return scores
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference.state_dict() if self.reference is not None else None,
+                "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ref = state_dict.get("reference")
+        self.reference = LocalityReference.from_state_dict(ref) if ref is not None else self.reference
+        self.history = [dict(r) for r in state_dict.get("history", [])]

@@ -1,0 +1,235 @@
+"""ROME's value solver (Meng et al. 2022, section 3.1, Eq. 4; `compute_v` of the reference code).
+
+Find the vector v* that the MLP at layer l should output at the subject's last token so that the model
+predicts the new target: optimise a delta added to the MLP output at that position, in the rewrite
+prompt and in a few context-prefixed copies of it, minimising
+
+    NLL(target | prompt, h + delta)                      (teacher forced, mean over contexts and tokens)
+  + kl_factor * KL(P_delta || P_orig)                    (next-token distribution at the subject's last
+                                                          token of the "{subject} is a" essence prompts)
+  + weight_decay * ||delta||^2 / ||h||^2                 (see `ValueSolverConfig.decay`)
+
+with Adam, projecting delta back into the ball ||delta|| <= clamp_norm_factor * ||h|| after each step.
+The key k* is the down projection's input at the same position: a rank-one editor maps k* to v*.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_edit.data.records import EditRecord
+from lightning_edit.locate.activations import (
+    Site,
+    SiteSpec,
+    capture,
+    eval_mode,
+    model_device,
+    resolve_site,
+)
+from lightning_edit.locate.positions import (
+    encode_prompt,
+    pad_id,
+    right_padded,
+    subject_span,
+    token_ending_at,
+)
+from lightning_edit.metrics.edit_metrics import target_positions
+from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
+
+DECAY_FORMS = ("relative_sq", "rome")
+
+
+@dataclass
+class ValueSolverConfig:
+    """Hyperparameters of the value solver; defaults are ROME's (GPT-2 XL / GPT-J configs)."""
+
+    steps: int = 20
+    """Forward passes at most (ROME's v_num_grad_steps); as in ROME the last one only evaluates."""
+    lr: float = 0.5
+    """Adam learning rate on delta (ROME's v_lr)."""
+    weight_decay: float = 0.5
+    """Weight of the norm penalty on delta (ROME's v_weight_decay; its Llama configs use 1e-3..0.5)."""
+    decay: str = "relative_sq"
+    """Penalty form: "relative_sq" = ||delta||^2 / ||h||^2 (scale-free); "rome" = ||delta|| / ||h||^2,
+    as ROME's and MEMIT's reference code computes it."""
+    clamp_norm_factor: float = 4.0
+    """||delta|| is kept <= clamp_norm_factor * ||h||, h the original MLP output at the key position."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term on the essence prompts (ROME's kl_factor)."""
+    nll_threshold: float = 5e-2
+    """Stop early once the mean target NLL (nats per token) is below this."""
+    context_templates: tuple[str, ...] = (
+        "{}",
+        "It was a quiet morning. {}",
+        "The weather was mild that day. {}",
+        "Everyone gathered for the meeting. {}",
+    )
+    """Copies of the prompt the delta must work in ("{}" is the prompt). ROME samples ten short
+    continuations from the model; fixed prefixes keep the solve deterministic and offline."""
+    essence_templates: tuple[str, ...] = ("{subject} is a",)
+    """Prompts whose next-token distribution at the subject's last token the KL term keeps."""
+    position: str = "subject_last"
+    """Key position: "subject_last" (falls back to the prompt's last token without a subject) or "last"."""
+    value_site: SiteSpec = "mlp_output"
+    """Where delta is added: the MLP output (= down projection output); "layer_output" for MEMIT."""
+    key_site: SiteSpec | None = "down_proj_input"
+    """Where the key is read (None: no key, e.g. when a transcoder replaces the MLP)."""
+
+    def __post_init__(self) -> None:
+        if self.decay not in DECAY_FORMS:
+            raise ValueError(f"ValueSolverConfig.decay is {self.decay!r} (expected one of {DECAY_FORMS})")
+        if self.position not in ("subject_last", "last"):
+            raise ValueError(f"ValueSolverConfig.position is {self.position!r} (expected 'subject_last' or 'last')")
+        if not self.context_templates or any("{}" not in t for t in self.context_templates):
+            raise ValueError(f"ValueSolverConfig.context_templates {self.context_templates!r}: each needs '{{}}'")
+        if self.steps < 1:
+            raise ValueError(f"ValueSolverConfig.steps is {self.steps} (expected >= 1)")
+
+
+@dataclass
+class ValueResult:
+    """What the solver found for one edit (tensors float32 on the model's device, detached)."""
+
+    value: torch.Tensor
+    """v* = h + delta, [d_model]: the MLP output the key position should have."""
+    key: torch.Tensor | None
+    """k*: the key site's vector at the key position of the bare prompt, [d_key] (None without key_site)."""
+    delta: torch.Tensor
+    """The optimised delta, [d_model]."""
+    original: torch.Tensor
+    """h: the MLP output at the key position of the bare prompt before the edit, [d_model]."""
+    context_keys: torch.Tensor | None
+    """The key in every context template, [n_contexts, d_key] (ROME averages them for its u)."""
+    position: int
+    """Token index of the key position in the bare prompt."""
+    losses: list[dict[str, float]] = field(default_factory=list)
+    """Per forward: total, nll, kl, decay, target_prob (mean probability of the target tokens)."""
+
+    @property
+    def final_nll(self) -> float:
+        return self.losses[-1]["nll"]
+
+
+@dataclass
+class _Example:
+    ids: list[int]
+    position: int          # where delta is added
+    target_start: int      # first target token (0 for essence prompts: no target)
+
+
+def _key_index(tok: Any, text: str, char_offset: int, prompt: str, subject: str | None, rule: str) -> int:
+    """Key token index in `text`, which contains `prompt` starting at character `char_offset`."""
+    span = subject_span(prompt, subject) if rule == "subject_last" else None
+    if span is None:
+        return len(encode_prompt(tok, text)) - 1
+    return token_ending_at(tok, text, char_offset + span[1])
+
+
+def _examples(tok: Any, record: EditRecord, cfg: ValueSolverConfig) -> tuple[list[_Example], list[_Example]]:
+    """(rewrite examples, one per context template; essence examples, empty without a subject)."""
+    rewrite = []
+    for template in cfg.context_templates:
+        text = template.replace("{}", record.prompt, 1)
+        offset = template.index("{}")
+        ids, start = target_positions(tok, text, record.target_new)
+        position = _key_index(tok, text, offset, record.prompt, record.subject, cfg.position)
+        rewrite.append(_Example(ids, position, start))
+    essence = []
+    if record.subject and cfg.kl_factor > 0:
+        for template in cfg.essence_templates:
+            text = template.replace("{subject}", record.subject)
+            offset = template.index("{subject}")
+            position = _key_index(tok, text, offset, record.subject, record.subject, "subject_last")
+            essence.append(_Example(encode_prompt(tok, text), position, 0))
+    return rewrite, essence
+
+
+def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int, record: EditRecord,
+                  config: ValueSolverConfig | None = None, **overrides: Any) -> ValueResult:
+    """Solve for v* at `layer` so that `record.target_new` follows `record.prompt` (ROME's compute_v).
+
+    `config` fields can be overridden by keyword (`compute_value(..., steps=40)`). The model's weights
+    are not touched and get no `.grad`; it runs in eval mode for the solve.
+    """
+    cfg = replace(config or ValueSolverConfig(), **overrides)
+    value_site: Site = resolve_site(adapter, layer, cfg.value_site)
+    key_site: Site | None = resolve_site(adapter, layer, cfg.key_site) if cfg.key_site is not None else None
+    rewrite, essence = _examples(tok, record, cfg)
+    examples = rewrite + essence
+    device = model_device(model)
+    ids, mask = right_padded([e.ids for e in examples], pad_id(tok), device)
+    rows = torch.arange(len(examples), device=device)
+    positions = torch.tensor([e.position for e in examples], device=device)
+    n_rw = len(rewrite)
+
+    # Teacher-forced target: token j is predicted at j - 1; a [rows, T] mask picks those positions.
+    target_mask = torch.zeros(n_rw, ids.shape[1], dtype=torch.bool, device=device)
+    for i, e in enumerate(rewrite):
+        target_mask[i, e.target_start - 1:len(e.ids) - 1] = True
+    next_ids = torch.roll(ids[:n_rw], shifts=-1, dims=1)  # [n_rw, T]: the token each position predicts
+
+    onehot = torch.zeros(ids.shape, device=device)
+    onehot[rows, positions] = 1.0
+    onehot = onehot.unsqueeze(-1)  # [B, T, 1]: where delta is added in each row
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        return x + onehot.to(x.dtype) * delta.to(x.dtype)
+
+    if value_site.io == "output":
+        hook, kind = (lambda module, args, output: with_hidden(output, add(hidden_of(output)))), "forward"
+    else:
+        hook, kind = (lambda module, args: (add(args[0]), *args[1:])), "forward_pre"
+
+    with eval_mode(model):
+        # The unedited pass: h, the keys, and the essence distributions the KL term keeps.
+        with torch.no_grad(), ExitStack() as stack:
+            seen_value = stack.enter_context(capture(adapter, value_site))
+            seen_key = stack.enter_context(capture(adapter, key_site)) if key_site is not None else None
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        original = seen_value[0][0, positions[0]].float()  # h, [d_model]
+        context_keys = seen_key[0][rows[:n_rw], positions[:n_rw]].float() if seen_key else None
+        essence_init = torch.log_softmax(logits[rows[n_rw:], positions[n_rw:]].float(), dim=-1)
+
+        delta = torch.zeros_like(original, requires_grad=True)  # read by `add` at call time
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        h_norm = original.norm()
+        max_norm = cfg.clamp_norm_factor * h_norm
+        losses: list[dict[str, float]] = []
+        for step in range(cfg.steps):
+            with torch.enable_grad(), adapter.hooks({value_site.hookpoint: hook}, kind=kind):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                logprobs = torch.log_softmax(logits[:n_rw], dim=-1)
+                token_lp = logprobs.gather(2, next_ids[..., None]).squeeze(-1)[target_mask]
+                nll = -token_lp.mean()
+                if essence:
+                    now = torch.log_softmax(logits[rows[n_rw:], positions[n_rw:]], dim=-1)
+                    # KL(P_delta || P_orig), batch mean, as ROME's kl_div(init, now, log_target=True).
+                    kl = (now.exp() * (now - essence_init)).sum(-1).mean()
+                else:
+                    kl = torch.zeros((), device=device)
+                if cfg.decay == "relative_sq":
+                    decay = delta.pow(2).sum() / h_norm.pow(2)
+                else:
+                    decay = delta.norm() / h_norm.pow(2)
+                loss = nll + cfg.kl_factor * kl + cfg.weight_decay * decay
+            losses.append({"total": loss.item(), "nll": nll.item(), "kl": kl.item(),
+                           "decay": decay.item(), "target_prob": token_lp.exp().mean().item()})
+            if nll.item() < cfg.nll_threshold or step == cfg.steps - 1:
+                break
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+
+    delta = delta.detach()
+    key = context_keys[0] if context_keys is not None else None
+    return ValueResult(value=original + delta, key=key, delta=delta, original=original,
+                       context_keys=context_keys, position=rewrite[0].position, losses=losses)

@@ -13,6 +13,11 @@ from .common import edit_count
 
 
 class EditProgressBar(TQDMProgressBar):
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description("edits")
+        return bar
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description("edits")

@@ -146,7 +146,9 @@ def missing_data_message(task: str, root: Path) -> str:
     """Where to put the files for `task` (for errors when neither hub nor local data is there)."""
     template = _template(LOCAL_TEMPLATES[task])
     files = (template.get("dataset_kwargs") or {}).get("data_files") or {}
-    where = ", ".join(f"{split}: {root / stem}.jsonl" for split, stem in files.items())
+    required = template.get("test_split", "test")
+    where = ", ".join(f"{root / stem}.jsonl" + ("" if split == required else " (optional)")
+                      for split, stem in files.items())
     return (f"downstream task '{task}': no local data under {root} ({where}; .json/.parquet also work; "
             f"fields as in configs/downstream/{LOCAL_TEMPLATES[task]}.yaml). Set ${DATA_ENV} or "
             f"callbacks.downstream.data_dir to the folder that holds them.")

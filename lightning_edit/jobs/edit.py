@@ -137,16 +137,6 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
     return Trainer(callbacks=callbacks, **kwargs)
 
 
-def _keep_csv_log(output_dir: Path) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the earlier part."""
-    log = output_dir / "csv" / "metrics.csv"
-    if log.is_file():
-        n = 1
-        while (kept := log.with_name(f"metrics.part{n}.csv")).exists():
-            n += 1
-        log.rename(kept)
-
-
 def run(cfg: DictConfig) -> int:
     from datamodules.edits import EditStream
     from lightning_edit.editors import editor_class
@@ -196,7 +186,7 @@ def run(cfg: DictConfig) -> int:
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {ckpt_path}")
-        _keep_csv_log(output_dir)
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours
     trainer = _trainer(cfg, output_dir, cfg.data.batch_size)
     trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
 

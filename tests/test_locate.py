@@ -22,6 +22,7 @@ from transformers import (
 from lightning_edit.data import EditRecord
 from lightning_edit.locate import (
     Site,
+    dense_latents,
     StatsCache,
     StatsMismatchError,
     activations,
@@ -300,6 +301,11 @@ def test_value_solver_at_subject_clamp_and_fallback(llama, tok):
     assert result.context_keys.shape == (4, 64)
     mlp_out = activations(llama, tok, adapter, 0, [record.prompt], position=6, site="mlp_output")
     torch.testing.assert_close(result.original, mlp_out[0], atol=1e-5, rtol=1e-5)
+    # MEMIT's site: the residual stream after the layer; no key.
+    memit = compute_value(llama, tok, adapter, 0, record, steps=2, value_site="layer_output", key_site=None)
+    layer_out = activations(llama, tok, adapter, 0, [record.prompt], position=6, site="layer_output")
+    torch.testing.assert_close(memit.original, layer_out[0], atol=1e-5, rtol=1e-5)
+    assert memit.key is None and memit.context_keys is None
     # Without a subject: the key is the prompt's last token and there is no KL term.
     plain = compute_value(llama, tok, adapter, 1, EditRecord(prompt="who wrote hamlet", target_new="paris"), steps=2)
     assert plain.position == 3 and all(row["kl"] == 0 for row in plain.losses)
@@ -397,3 +403,33 @@ def test_second_moment_of_coder_latents_and_storage_dtype(llama, tok):
                                               site="coder_latents", coder=coder)])
     torch.testing.assert_close(c.float(), (z.T @ z / z.shape[0]).bfloat16().float())
     assert Path(os.environ["LIGHTNING_EDIT_CACHE"], "stats").is_dir()
+
+
+class TranscoderMLP(nn.Module):
+    """A coder spliced in for an MLP, as TCPE does: output = dense latents @ W_dec."""
+
+    def __init__(self, coder: FakeCoder):
+        super().__init__()
+        self.coder = coder
+
+    def forward(self, x):
+        return dense_latents(self.coder, x) @ self.coder.W_dec
+
+
+def test_coder_statistics_survive_decoder_edits(llama, tok):
+    adapter = ModelAdapter(llama)
+    torch.manual_seed(3)
+    coder = FakeCoder(32, 48, 4)
+    counter = CountForwards(llama)
+    with adapter.swap(adapter.mlp_name(1), TranscoderMLP(coder)):
+        first = second_moment(llama, tok, adapter, 1, CORPUS, site="coder_latents", coder=coder, progress=False)
+        with torch.no_grad():
+            coder.W_dec.mul_(2.0)  # TCPE edits decoder columns: the latents, hence C, are unchanged
+        assert torch.equal(second_moment(llama, tok, adapter, 1, CORPUS, site="coder_latents", coder=coder,
+                                         progress=False), first)
+        assert counter.n == 1
+        with torch.no_grad():
+            coder.encoder.weight.mul_(2.0)
+        with pytest.raises(StatsMismatchError, match="'coder'"):
+            second_moment(llama, tok, adapter, 1, CORPUS, site="coder_latents", coder=coder, progress=False)
+    counter.handle.remove()

@@ -149,9 +149,10 @@ def dense_latents(coder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return dense.scatter(-1, indices, acts)
 
 
-def _site_and_transform(adapter: ModelAdapter, layer: int, site: SiteSpec, coder: nn.Module | None,
+def site_reader(adapter: ModelAdapter, layer: int, site: SiteSpec, coder: nn.Module | None,
                         coder_site: SiteSpec):
-    """(hooked Site, function mapping its tensor to the requested vectors)."""
+    """(the Site to hook, the function mapping its tensor to the requested vectors): the identity, or
+    the coder's dense latents for "coder_latents" (read at `coder_site`)."""
     if site == "coder_latents":
         if coder is None:
             raise ValueError("site 'coder_latents' needs a coder (an object with encode(x) -> (acts, indices))")
@@ -187,7 +188,7 @@ def activations(
     prompts = list(prompts)
     positions = per_prompt(position, len(prompts), "positions")
     subject_list = per_prompt(subjects, len(prompts), "subjects")
-    hooked, transform = _site_and_transform(adapter, layer, site, coder, coder_site)
+    hooked, transform = site_reader(adapter, layer, site, coder, coder_site)
     sequences = [encode_prompt(tok, p) for p in prompts]
     wanted = [resolve_position(tok, p, pos, s) for p, pos, s in zip(prompts, positions, subject_list)]
     device = model_device(model)

@@ -20,7 +20,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -31,12 +32,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_edit.locate.activations import (
+    Site,
     SiteSpec,
-    _site_and_transform,
     capture,
     eval_mode,
     model_device,
+    resolve_site,
     run_until_captured,
+    site_reader,
 )
 from lightning_edit.locate.positions import encode_prompt, pad_id, right_padded
 from lightning_edit.models import ModelAdapter
@@ -44,8 +47,6 @@ from lightning_edit.models import ModelAdapter
 CACHE_ENV = "LIGHTNING_EDIT_CACHE"
 FORMAT_VERSION = 1
 STATS_SITES = ("down_proj_input", "mlp_input", "coder_latents")
-# Sites whose vectors do not depend on the layer's own down projection: editing it keeps the cache valid.
-_BEFORE_DOWN_PROJ = ("down_proj_input", "mlp_input", "coder_latents")
 
 Corpus = Union[str, Path, Sequence[str]]
 
@@ -73,9 +74,9 @@ class StatsKey:
     model: str
     """The model's name_or_path ("" for a model built in memory)."""
     weights: str
-    """blake2b of layer l's parameters feeding the site (the down projection's own weights excluded
-    for sites before it, so editing it keeps the cache valid). Layers below l are assumed unchanged:
-    compute statistics on the unedited model."""
+    """blake2b of layer l's parameters feeding the site (the MLP's for its input, all but the down
+    projection's for the neurons), so editing the MLP's output weights keeps the cache valid. Layers
+    below l are not hashed: statistics are meant for the unedited model."""
     layer: int
     site: str
     """Site name (`coder_latents:<coder site>` for a coder)."""
@@ -111,7 +112,7 @@ class StatsCache:
         model and corpus paths); the weights, coder and corpus version live only in the sidecar, so a
         changed model or corpus finds the old file and is told so instead of silently recomputing.
         """
-        model_dir = f"{_slug(Path(key.model).name or 'in-memory')}-{_short(key.model)}"
+        model_dir = f"{_slug('_'.join(Path(key.model).parts[-2:]) or 'in-memory')}-{_short(key.model)}"
         corpus = f"{_slug(Path(key.corpus).stem)}-{_short(key.corpus)}"
         name = (f"layer{key.layer}-{_slug(key.site)}-{corpus}-n{key.n_samples}"
                 f"-len{key.max_length}.safetensors")
@@ -130,7 +131,11 @@ class StatsCache:
         if not path.exists():
             raise StatsMismatchError(f"sidecar {sidecar} has no statistics file {path.name}; "
                                      "pass recompute=True to recompute")
-        meta = json.loads(sidecar.read_text())
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as err:
+            raise StatsMismatchError(f"sidecar {sidecar} is not valid JSON ({err}); pass recompute=True "
+                                     "to overwrite") from None
         stored = meta.get("key", {})
         for name, wanted in asdict(key).items():
             if stored.get(name) != wanted:
@@ -154,28 +159,24 @@ class StatsCache:
         with _atomic(path) as tmp:
             save_file(tensors, tmp, metadata={"format": str(FORMAT_VERSION), "count": str(stats.count)})
         meta = {"format": FORMAT_VERSION, "key": asdict(key), "count": stats.count,
-                "shape": list(stats.second_moment.shape), "dtype": str(stats.second_moment.dtype).removeprefix("torch.")}
+                "shape": list(stats.second_moment.shape),
+                "dtype": str(stats.second_moment.dtype).removeprefix("torch.")}
         with _atomic(path.with_suffix(".json")) as tmp:
             Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
 
-class _atomic:
-    """Context manager yielding a temporary path next to `path`, renamed onto it on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+@contextmanager
+def _atomic(path: Path) -> Iterator[str]:
+    """A temporary path next to `path`, renamed onto it when the block succeeds (removed if not)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _slug(text: str) -> str:
@@ -192,7 +193,7 @@ def tensor_hash(tensors: Sequence[torch.Tensor]) -> str:
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no extra copy
     return h.hexdigest()
 
 
@@ -223,15 +224,21 @@ def read_corpus(corpus: Corpus) -> tuple[list[str], str, int, str]:
     return texts, "<texts>", sum(len(t) for t in texts), digest
 
 
-def _weights_hash(adapter: ModelAdapter, layer: int, site_name: str) -> str:
-    layer_module = adapter.layer(layer)
-    skip: set[int] = set()
-    if site_name in _BEFORE_DOWN_PROJ:
+def _weights_hash(adapter: ModelAdapter, layer: int, hooked: Site) -> str:
+    """Hash of layer l's parameters that can change the vectors read at `hooked`: a site at the MLP's
+    input leaves the MLP out (a spliced-in transcoder included), one at the down projection's input
+    leaves the down projection out, so edits of those weights keep the cache valid."""
+    skip: list[nn.Module] = []
+    if hooked == resolve_site(adapter, layer, "mlp_input"):
+        skip = [adapter.mlp(layer)]
+    else:
         try:
-            skip = {id(p) for p in adapter.down_proj(layer).parameters()}
-        except ValueError:  # the MLP is replaced (e.g. by a transcoder): hash the whole layer
+            if hooked == resolve_site(adapter, layer, "down_proj_input"):
+                skip = [adapter.down_proj(layer)]
+        except ValueError:  # the MLP has no down projection of its own (e.g. a transcoder replaces it)
             pass
-    return tensor_hash([p for p in layer_module.parameters() if id(p) not in skip])
+    skipped = {id(p) for module in skip for p in module.parameters()}
+    return tensor_hash([p for p in adapter.layer(layer).parameters() if id(p) not in skipped])
 
 
 def _coder_hash(coder: nn.Module | None) -> str:
@@ -244,11 +251,11 @@ def _coder_hash(coder: nn.Module | None) -> str:
 
 
 def stats_key(model: nn.Module, adapter: ModelAdapter, layer: int, corpus_id: tuple[str, int, str], *,
-              site: str, hookpoint: str, coder: nn.Module | None, n_samples: int | None,
+              site: str, hooked: Site, coder: nn.Module | None, n_samples: int | None,
               max_length: int) -> StatsKey:
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-    return StatsKey(model=name, weights=_weights_hash(adapter, layer, site.split(":")[0]), layer=layer,
-                    site=site, hookpoint=hookpoint, coder=_coder_hash(coder), corpus=corpus_id[0],
+    return StatsKey(model=name, weights=_weights_hash(adapter, layer, hooked), layer=layer,
+                    site=site, hookpoint=hooked.hookpoint, coder=_coder_hash(coder), corpus=corpus_id[0],
                     corpus_size=corpus_id[1], corpus_version=corpus_id[2],
                     n_samples=-1 if n_samples is None else int(n_samples), max_length=int(max_length))
 
@@ -274,7 +281,7 @@ def compute_moments(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: in
     positions are left out: BOS activations are outliers that say nothing about the corpus."""
     if site not in STATS_SITES:
         raise ValueError(f"unknown statistics site {site!r}; expected one of {STATS_SITES}")
-    hooked, transform = _site_and_transform(adapter, layer, site, coder, coder_site)
+    hooked, transform = site_reader(adapter, layer, site, coder, coder_site)
     device = model_device(model)
     specials = torch.tensor(sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
                                     if i is not None}), dtype=torch.long, device=device)
@@ -322,13 +329,13 @@ def second_moment(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
         if n_samples < 1:
             raise ValueError(f"n_samples is {n_samples} (expected >= 1, or None for all)")
         texts = texts[:n_samples]
-    hooked, _ = _site_and_transform(adapter, layer, site, coder, coder_site)
+    hooked, _ = site_reader(adapter, layer, site, coder, coder_site)
     site_name = f"coder_latents:{hooked.hookpoint}:{hooked.io}" if site == "coder_latents" else site
     if cache is False:
         store = None
     else:
         store = cache if isinstance(cache, StatsCache) else StatsCache(None if cache in (None, True) else cache)
-    key = stats_key(model, adapter, layer, tuple(corpus_id), site=site_name, hookpoint=hooked.hookpoint,
+    key = stats_key(model, adapter, layer, tuple(corpus_id), site=site_name, hooked=hooked,
                     coder=coder, n_samples=n_samples, max_length=max_length) if store else None
     stats = store.load(key, _site_dim(adapter, layer, site, coder)) if store and not recompute else None
     if stats is None:

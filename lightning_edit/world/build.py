@@ -1,0 +1,224 @@
+"""Building, caching and opening embedded worlds.
+
+A world is built once per (name, seed, format version) into
+`$LIGHTNING_EDIT_CACHE/worlds/<name>-seed<seed>-v<version>/` (default cache `~/.cache/lightning_edit`):
+under a file lock, into a temporary sibling folder that is renamed into place when complete, so
+concurrent first uses build it once and nobody ever sees half a world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .knowledge import KnowledgeBase
+from .spec import FORMAT_VERSION, SPECS, WorldSpec
+
+WORLD_NAMES: tuple[str, ...] = ("toyworld", "toyworld-small")
+CACHE_ENV = "LIGHTNING_EDIT_CACHE"
+
+
+class WorldBuildError(RuntimeError):
+    """The world could not be built (most often: the model did not learn its facts well enough)."""
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else $LIGHTNING_EDIT_CACHE, else ~/.cache/lightning_edit."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_edit"
+    return Path(root).expanduser()
+
+
+def _spec(name: str) -> WorldSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown embedded world '{name}'; choices: {', '.join(WORLD_NAMES)}")
+    return SPECS[name]
+
+
+def world_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """Where world `name` built from `seed` lives (whether or not it is built yet)."""
+    _spec(name)
+    return cache_root(cache_dir) / "worlds" / f"{name}-seed{seed}-v{FORMAT_VERSION}"
+
+
+def _is_built(root: Path) -> bool:
+    return (root / "accuracy.json").is_file()  # written last; the folder only appears when complete
+
+
+@dataclass
+class World:
+    """A built world on disk: the HF model folder, the knowledge base, the exports, the accuracy."""
+
+    root: Path
+    kb: KnowledgeBase
+    accuracy: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> "World":
+        root = Path(root)
+        if not _is_built(root):
+            raise FileNotFoundError(f"{root} is not a built world (no accuracy.json)")
+        kb = KnowledgeBase.from_json(json.loads((root / "world.json").read_text()))
+        return cls(root=root, kb=kb, accuracy=json.loads((root / "accuracy.json").read_text()))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.data_dir / "corpus.txt"
+
+    @property
+    def zsre_path(self) -> Path:
+        return self.data_dir / "zsre.json"
+
+    @property
+    def counterfact_path(self) -> Path:
+        return self.data_dir / "counterfact.json"
+
+    @property
+    def mc_dir(self) -> Path:
+        return self.data_dir / "mc"
+
+    def load_model(self, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+
+def _say(message: str) -> None:
+    print(f"[lightning-edit world] {message}", file=sys.stderr, flush=True)
+
+
+def _build_into(out: Path, final: Path, name: str, seed: int, progress: bool) -> dict:
+    """Everything a world holds, written under `out` (which will be renamed to `final`)."""
+    # Heavy imports only when a world is really built; opening a cached one stays cheap.
+    from .export import corpus_sentences, export_datasets
+    from .tokenizer import check_single_tokens, save_tokenizer, train_tokenizer
+    from .train import object_accuracy, train_world_model
+
+    spec = _spec(name)
+    start = time.perf_counter()
+    kb = KnowledgeBase.generate(seed, **asdict(spec.world))
+    (out / "world.json").write_text(json.dumps(kb.to_json(), indent=1, ensure_ascii=False) + "\n")
+    export_datasets(kb, out / "data", seed, final_data_dir=final / "data")
+
+    tokenizer = train_tokenizer(corpus_sentences(kb, seed) + kb.vocabulary_words(),
+                                model_max_length=spec.model.max_position_embeddings)
+    for rel in kb.relations:
+        check_single_tokens(tokenizer, rel.objects)
+
+    _say(f"training the {name} model ({len(kb.facts)} facts x {spec.world.n_templates} templates) ...")
+    result = train_world_model(kb, tokenizer, spec.model, spec.train, seed, log_dir=out / "logs", progress=progress)
+    acc = object_accuracy(result.model, tokenizer, kb)
+    if acc["accuracy"] < spec.train.required_accuracy:
+        raise WorldBuildError(
+            f"world '{name}' (seed {seed}): the model knows {acc['accuracy']:.1%} of its facts over all "
+            f"templates after {result.epochs} epochs (max_epochs {spec.train.max_epochs}); "
+            f"required {spec.train.required_accuracy:.0%}. Per relation: {acc['per_relation']}")
+
+    result.model.save_pretrained(out / "model")
+    save_tokenizer(tokenizer, out / "model")
+    for path in (out / "model").iterdir():
+        path.chmod(0o644)  # the weights file is written private; a cache may be shared
+    n_params = sum(p.numel() for p in result.model.parameters())
+    record = {
+        **acc,
+        "name": name,
+        "seed": seed,
+        "format_version": FORMAT_VERSION,
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "train_seconds": round(result.seconds, 2),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "threads": result.threads,
+        "history": result.history,
+        "sizes": {
+            "n_subjects": len(kb.subjects),
+            "n_relations": len(kb.relations),
+            "n_facts": len(kb.facts),
+            "n_templates": spec.world.n_templates,
+            "n_objects_per_relation": spec.world.n_objects,
+            "vocab_size": len(tokenizer),
+            "n_params": n_params,
+        },
+        "model": asdict(spec.model),
+        "train": asdict(spec.train),
+    }
+    (out / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def build_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None,
+                force: bool = False, progress: bool = True) -> World:
+    """Build world `name` from `seed` into the cache (or reuse it), and open it.
+
+    force: rebuild even if it is cached. Safe to call from several processes at once.
+    """
+    root = world_dir(name, seed, cache_dir)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(f"another process is building world '{name}' in {root}; waiting for it ...")
+        lock.acquire()
+    try:
+        if _is_built(root) and not force:
+            return World.open(root)
+        for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache may be shared
+        try:
+            _say(f"building world '{name}' (seed {seed}) in {root}")
+            record = _build_into(tmp, root, name, seed, progress)
+            if root.exists():  # force: move the old one aside, then swap in the new one
+                old = root.with_name(f".{root.name}.old-{os.getpid()}")
+                os.rename(root, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+    _say(f"world '{name}' built in {record['build_seconds']:.0f} s: the model knows "
+         f"{record['accuracy']:.1%} of {record['n_prompts']} fact prompts "
+         f"(held-out paraphrases {record['held_out_pairs']:.1%})")
+    return World.open(root)
+
+
+def load_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None) -> World:
+    """Open world `name`, building it on first use."""
+    root = world_dir(name, seed, cache_dir)
+    if _is_built(root):
+        return World.open(root)
+    return build_world(name, seed, cache_dir)
+
+
+def resolve_model_path(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path | None:
+    """An embedded world's name -> its HF model folder (built on first use); any other name -> None."""
+    if name not in WORLD_NAMES:
+        return None
+    root = world_dir(name, seed, cache_dir)
+    if not _is_built(root):
+        _say(f"'{name}' is an embedded world; building it on first use (cached in {root})")
+    return load_world(name, seed, cache_dir).model_dir

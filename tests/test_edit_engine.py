@@ -22,6 +22,7 @@ from lightning_edit.editors.state import generate, load_edited, save_edit_state
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import EditScorer, teacher_forced
 from lightning_edit.models import ModelAdapter, load_model
+from lightning_edit.world import resolve_model_path
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +35,12 @@ def _one_thread():
 
 
 def edit_cfg(world, output_dir: Path, *overrides: str):
-    """The FT-M baseline config on the small world, CSV logging, quiet trainer."""
+    """The FT-M baseline config on the small world (its CounterFact export by default), CSV
+    logging, quiet trainer."""
+    assert resolve_model_path("toyworld-small") == world.model_dir  # the name means the fixture's world
     return load_config(edit_job.SCHEMA, [
         "config=baselines/ft.yaml",
-        f"model.name={world.model_dir}",
-        f"data.path={world.counterfact_path}",
+        "model.name=toyworld-small",
         f"output_dir={output_dir}",
         "logger=csv",
         "threads=1",
@@ -151,7 +153,7 @@ def test_kill_and_resume_equals_uninterrupted(small_world, tmp_path):
 
 
 def test_saved_edit_state_reloads_onto_a_fresh_model(short_run, small_world):
-    editor, model, tokenizer = load_edited(short_run / "edit_state", str(small_world.model_dir))
+    editor, model, tokenizer = load_edited(short_run / "edit_state")  # base model named in the state
     assert [e.edit_id for e in editor.ledger] == [0, 1, 2, 3, 4]
     stream = EditStream(small_world.counterfact_path, limit=5)
     stream.setup("fit")

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_edit.callbacks.config import CallbacksConfig
 from lightning_edit.config import RunConfig, save_config
 
 SUMMARY = "apply a lifelong stream of knowledge edits (MicroEdit, TCPE, PNKE, MENT, FiNE, baselines)"
@@ -83,6 +84,8 @@ class EditJobConfig(RunConfig):
     data: EditDataConfig = field(default_factory=EditDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    """Downstream tasks, held-out locality, examples table, plots and progress bar at checkpoints T."""
     threads: int | None = None
     """torch CPU threads; None = the machine's cores (tiny models on shared cores: set 1)."""
 
@@ -110,11 +113,12 @@ def _read_corpus(cfg: DictConfig) -> list[str] | None:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
+def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int, corpus: list[str] | None):
     """lightning.Trainer from `cfg.trainer` as is, over defaults for an edit stream."""
     from lightning import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lightning_edit.callbacks import build_callbacks
     from lightning_edit.loggers import build_loggers
 
     # log_every_n_steps: the module logs straight to the loggers (step = T), this only quiets a warning.
@@ -126,6 +130,9 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int):
                          "(use data.limit for T, trainer.max_steps to stop early)")
     kwargs.setdefault("logger", build_loggers(cfg, output_dir, "edit") or False)
     callbacks = list(kwargs.pop("callbacks", None) or [])
+    callbacks += build_callbacks(cfg.callbacks, checkpoints=cfg.eval.checkpoints, world=cfg.model.name,
+                                 corpus=corpus, output_dir=output_dir,
+                                 progress_bar=kwargs.get("enable_progress_bar", True))
     if kwargs.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(
             dirpath=output_dir / "checkpoints",
@@ -176,7 +183,8 @@ def run(cfg: DictConfig) -> int:
     adapter = ModelAdapter(model)
     component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
     editor = build_editor(method, params, model, tokenizer, adapter, component_cfg, cfg.model.name)
-    editor.prepare(_read_corpus(cfg))
+    corpus = _read_corpus(cfg)
+    editor.prepare(corpus)
 
     module = EditModule(editor, EditScorer(tokenizer, batch_size=cfg.eval.batch_size),
                         checkpoints=cfg.eval.checkpoints, immediate=cfg.eval.immediate)
@@ -187,7 +195,7 @@ def run(cfg: DictConfig) -> int:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {ckpt_path}")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours
-    trainer = _trainer(cfg, output_dir, cfg.data.batch_size)
+    trainer = _trainer(cfg, output_dir, cfg.data.batch_size, corpus)
     trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
 
     if trainer.is_global_zero:

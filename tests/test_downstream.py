@@ -193,7 +193,7 @@ def test_lm_eval_multiple_choice_and_generation_from_local_files(world, model_an
     assert 0.0 <= scores["mmlu"].score <= 1.0
     assert scores["gsm8k"].metric == "exact_match,strict-match" and scores["gsm8k"].n == 3
     assert "exact_match,flexible-extract" in scores["gsm8k"].metrics
-    assert scores["toyworld_mc"].score == 1.0  # the world's model knows its first facts
+    assert scores["toyworld_mc"].score >= 0.75  # the world's model knows its facts
     assert all(s.seconds > 0 and not s.cached for s in scores.values())
 
 
@@ -293,8 +293,8 @@ def test_edit_stream_logs_downstream_locality_table_and_plots(world, tmp_path, m
 
     downstream, delta = at("downstream/toyworld_mc"), at("downstream/toyworld_mc_delta")
     assert sorted(downstream) == [0, 1, 3]
-    assert downstream[0] == 1.0 and downstream[1] < 0.5  # the hook-held edit reaches the evaluation
-    assert delta[0] == 0.0 and delta[1] == downstream[1] - 1.0
+    assert downstream[0] >= 0.75 and downstream[1] < downstream[0] - 0.5  # the hook-held edit is seen
+    assert delta[0] == 0.0 and delta[1] == pytest.approx(downstream[1] - downstream[0])
     assert at("downstream/toyworld_mc_seconds")[0] > 0
     agreement, kl = at("locality/agreement"), at("locality/kl")
     assert agreement[0] == 1.0 and kl[0] == 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 SUMMARY = "continue prompts with an edited model (from a run's saved edit state)"
-DEFAULT_CONFIG = None
+DEFAULT_CONFIG = "generate.yaml"
 
 
 @dataclass
@@ -55,6 +55,11 @@ def run(cfg: DictConfig) -> int:
     from lightning_edit.editors.state import generate, load_edited
     from lightning_edit.models import load_model
 
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "state"):
+        print("error: give state=<run folder or its edit_state folder>", file=sys.stderr)
+        return 2
     state = Path(cfg.state)
     if (state / "edit_state").is_dir():
         state = state / "edit_state"

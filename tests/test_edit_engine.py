@@ -18,7 +18,7 @@ from datamodules.edits import EditStream
 from lightning_edit.config import load_config
 from lightning_edit.data import EditDataError, read_edits
 from lightning_edit.editors.ft import FineTune, FTConfig
-from lightning_edit.editors.state import generate, load_edited, save_edit_state
+from lightning_edit.editors.state import build_editor, generate, load_edited, save_edit_state
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import EditScorer, teacher_forced
 from lightning_edit.models import ModelAdapter, load_model
@@ -174,18 +174,24 @@ def test_single_ft_edit_makes_target_argmax_and_round_trips(small_world, tmp_pat
     record = stream.records[0]
     before = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
     assert not before.exact
-    editor = FineTune(model, tokenizer, ModelAdapter(model), FTConfig())
+    editor = build_editor("ft", {}, model, tokenizer, ModelAdapter(model), model_name=str(small_world.model_dir))
+    assert isinstance(editor, FineTune) and editor.cfg == FTConfig()  # FT-M's (EasyEdit) defaults
     (entry,) = editor.apply([record])
     after = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
     assert after.exact and entry.metrics_after["target_argmax"] == 1.0 and entry.steps > 0
     assert entry.changed and entry.delta_norm > 0
 
-    save_edit_state(editor, tmp_path / "state", model=str(small_world.model_dir))
+    save_edit_state(editor, tmp_path / "state")
     reloaded, fresh, _ = load_edited(tmp_path / "state")
     ids = tokenizer([record.prompt + " " + record.target_new], return_tensors="pt")["input_ids"]
     with torch.no_grad(), editor.edited() as m1, reloaded.edited() as m2:
         assert torch.equal(m1(input_ids=ids).logits, m2(input_ids=ids).logits)
     assert fresh is not model
+    # Edits made on another base model (e.g. a rebuilt world) are refused.
+    settings = json.loads((tmp_path / "state" / "editor.json").read_text())
+    (tmp_path / "state" / "editor.json").write_text(json.dumps({**settings, "base_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="different base model"):
+        load_edited(tmp_path / "state")
     # Asking the reloaded edited model: its greedy continuation is the new target.
     (text,) = generate(reloaded, [record.prompt], max_new_tokens=1)
     assert text.strip() == record.target_new

@@ -70,7 +70,21 @@ def build_editor(method: str, params: Mapping[str, Any], model, tokenizer, adapt
         editor = cls(model, tokenizer, adapter, cfg)
     editor.component_cfg = dict(component_cfg) if component_cfg is not None else None  # for save_edit_state
     editor.model_name = model_name
+    editor.base_fingerprint = base_fingerprint(model)  # before any edit: which base the edits apply to
     return editor
+
+
+def base_fingerprint(model: torch.nn.Module, values_per_tensor: int = 256) -> str:
+    """A cheap hash of a model's weights (names, shapes, the first values of each tensor), to tell
+    whether an edit state is being loaded onto the base model it was made on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            digest.update(param.detach().flatten()[:values_per_tensor].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # Edit state I/O ----------------------------------------------------------------------------------
@@ -115,6 +129,8 @@ def _settings(editor: Editor) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
         "model": getattr(editor, "model_name", None) or getattr(editor.model, "name_or_path", None),
         "component": getattr(editor, "component_cfg", None),
+        "base_fingerprint": getattr(editor, "base_fingerprint", None),
+        "model_dtype": str(next(editor.model.parameters()).dtype).removeprefix("torch."),
         "edits": len(editor.ledger),
     }
 
@@ -164,10 +180,11 @@ def load_edit_state(editor: Editor, directory: str | Path) -> Editor:
 
 
 def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str = "float32",
-                device: str = "cpu"):
+                device: str = "cpu", check_base: bool = True):
     """Rebuild the saved editor onto a fresh copy of its base model: (editor, model, tokenizer).
 
-    model_name: the base model (default: the one recorded in editor.json).
+    model_name: the base model (default: the one recorded in editor.json). check_base: refuse a
+    base model whose weights differ from the one the edits were made on (e.g. a rebuilt world).
     """
     from lightning_edit.models import ModelAdapter, load_model
 
@@ -179,6 +196,12 @@ def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str
     adapter = ModelAdapter(model)
     editor = build_editor(settings["method"], settings.get("config") or {}, model, tokenizer, adapter,
                           settings.get("component"), model_name)
+    saved = settings.get("base_fingerprint")
+    same_dtype = settings.get("model_dtype") == dtype  # a fingerprint only compares like with like
+    if check_base and saved and same_dtype and saved != editor.base_fingerprint:
+        raise ValueError(f"{state_dir}: the edits were made on a different base model than {model_name!r} "
+                         f"loads now (weights fingerprint {saved} vs {editor.base_fingerprint}); "
+                         "pass check_base=False to load them anyway")
     load_edit_state(editor, state_dir)
     return editor, model, tokenizer
 

@@ -165,6 +165,7 @@ class EditModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["edit"] = {
             "method": self.editor.name,
+            "base_fingerprint": getattr(self.editor, "base_fingerprint", None),
             "editor": self.editor.state_dict(),
             "scorer": self.scorer.state_dict(),
             "records": [r.to_dict() for r in self.edited_records],
@@ -179,6 +180,10 @@ class EditModule(LightningModule):
             raise ValueError("not an edit-stream checkpoint (no 'edit' entry)")
         if state["method"] != self.editor.name:
             raise ValueError(f"checkpoint of method '{state['method']}' cannot resume editor '{self.editor.name}'")
+        saved, now = state.get("base_fingerprint"), getattr(self.editor, "base_fingerprint", None)
+        if saved and now and saved != now:
+            raise ValueError(f"the checkpoint's edits were made on another base model (weights fingerprint "
+                             f"{saved}, this model's {now})")
         self.editor.load_state_dict(state["editor"])
         self.scorer.load_state_dict(state["scorer"])
         self.edited_records = [EditRecord.from_dict(r) for r in state["records"]]

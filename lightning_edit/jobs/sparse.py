@@ -152,10 +152,9 @@ def _world_corpus(model_name: str) -> Path | None:
 
 
 def _processes_per_node(trainer_cfg: dict[str, Any]) -> int:
+    """How many training processes this machine runs (devices as an int; 1 when unknown)."""
     devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, int) and devices > 0 and trainer_cfg.get("accelerator") == "cpu":
-        return devices
-    return 1
+    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def train(cfg: DictConfig, job: str) -> int:

@@ -170,6 +170,8 @@ class SparseCoderModule(LightningModule):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_microseconds", torch.zeros((), dtype=torch.long))
+        # Python mirrors of the buffers above, so that a step needs no device sync to read them.
+        self._initialized, self._tokens_seen, self._train_microseconds = False, 0, 0
         self.automatic_optimization = False
         self.shuffle = TokenShuffle(shuffle_buffer, seed)
         self._batch_started = 0.0
@@ -269,9 +271,12 @@ class SparseCoderModule(LightningModule):
             for tensor in [*self.coders.parameters(), *self.coders.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
         self.initialized.fill_(True)
+        self._initialized = True
 
     def on_train_start(self) -> None:
         self._lm_to_device()
+        self._initialized = bool(self.initialized)  # restored from a checkpoint, or not
+        self._tokens_seen, self._train_microseconds = int(self.tokens_seen), int(self.train_microseconds)
         self.shuffle.rank = self.global_rank
         self.shuffle.clear()
         start, k = self.global_step, self.hparams.shuffle_buffer
@@ -303,7 +308,7 @@ class SparseCoderModule(LightningModule):
                 "is not supported)"
             )
         acts, n_lm_tokens = self.collect_activations(batch)
-        if not bool(self.initialized):
+        if not self._initialized:
             self._initialize(acts)
         self.shuffle.add(step, acts)
         train = self.shuffle.pop(step)
@@ -350,28 +355,32 @@ class SparseCoderModule(LightningModule):
         counts = torch.cat([f.long() for f in fired] + [torch.tensor([n_train, n_lm_tokens], device=self.device)])
         if self._distributed:
             torch.distributed.all_reduce(counts)
+        global_train, global_lm = counts[-2:].tolist()  # the step's one device sync
         offset = 0
         for hp, f in zip(self.hookpoints, fired):
             tracker = self.tracker(hp)
-            tracker.update_fired(counts[offset : offset + f.numel()] > 0, int(counts[-2]))
+            tracker.update_fired(counts[offset : offset + f.numel()] > 0, global_train)
             offset += f.numel()
             logs[f"{self.mode}/{hp}/dead_frac"] = tracker.dead_mask.float().mean()
-        self.tokens_seen += counts[-1]
+        self._tokens_seen += global_lm
+        self.tokens_seen.fill_(self._tokens_seen)
         logs["train/loss"] = loss.detach()
-        logs["train/tokens_seen"] = self.tokens_seen.float()
+        logs["train/tokens_seen"] = float(self._tokens_seen)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=max(n_train, 1))
         max_tokens = self.hparams.max_tokens
-        if max_tokens and int(self.tokens_seen) >= max_tokens:
+        if max_tokens and self._tokens_seen >= max_tokens:
             self.trainer.should_stop = True
         return loss.detach()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.train_microseconds += int((time.perf_counter() - self._batch_started) * 1e6)
+        self._train_microseconds += int((time.perf_counter() - self._batch_started) * 1e6)
+        self.train_microseconds.fill_(self._train_microseconds)
         self.log("train/tokens_per_s", self.tokens_per_second(), on_step=True, on_epoch=False)
 
     def tokens_per_second(self) -> float:
-        seconds = int(self.train_microseconds) / 1e6
-        return float(self.tokens_seen) / seconds if seconds > 0 else 0.0
+        """Training tokens (all ranks) per second of training-step wall time (validation excluded)."""
+        seconds = self._train_microseconds / 1e6
+        return self._tokens_seen / seconds if seconds > 0 else 0.0
 
     def on_train_end(self) -> None:
         directory = self.hparams.dump_rank_weights_to

@@ -182,8 +182,13 @@ def test_resume_continues_exactly(small_world, tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     assert run_job("sae", _overrides(small_world, full, *common, "trainer.max_steps=10")) == 0
     assert run_job("sae", _overrides(small_world, half, *common, "trainer.max_steps=5")) == 0
+    at_half = _checkpoint_coders(half / "checkpoints" / "last.ckpt")
     assert run_job("sae", _overrides(small_world, half, *common, "trainer.max_steps=10",
                                      "resume=last")) == 0
+    assert json.loads((half / "summary.json").read_text())[0]["steps"] == 10
+    assert not torch.equal(at_half["coders.layers/0.W_dec"],
+                           _checkpoint_coders(half / "checkpoints" / "last.ckpt")["coders.layers/0.W_dec"])
+    assert (half / "csv" / "metrics.csv").is_file()  # the first part's log is kept
     a = _checkpoint_coders(full / "checkpoints" / "last.ckpt")
     b = _checkpoint_coders(half / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()

@@ -270,7 +270,8 @@ def export_and_check(module, adapter, export_dir: Path) -> None:
 
 
 def summary_rows(module, export_dir: Path) -> list[dict[str, Any]]:
-    tokens, rate = int(module.tokens_seen), module.tokens_per_second()
+    tokens, seconds = int(module.tokens_seen), int(module.train_microseconds) / 1e6
+    rate = tokens / seconds if seconds > 0 else 0.0
     rows = []
     for hp in module.hookpoints:
         metrics = module.final_metrics.get(hp, {})

@@ -181,7 +181,9 @@ class SparseCoderModule(LightningModule):
         self.val_ce_spliced = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.val_ce_zero = nn.ModuleDict({k: MeanMetric() for k in keys})
         self.val_l0 = nn.ModuleDict({k: MeanMetric() for k in keys})
-        self.val_fvu = nn.ModuleDict({k: FractionOfVarianceUnexplained(self.coder(hp).d_out) for hp, k in zip(self.hookpoints, keys)})
+        self.val_fvu = nn.ModuleDict(
+            {k: FractionOfVarianceUnexplained(self.coder(hp).d_out) for hp, k in zip(self.hookpoints, keys)}
+        )
         self.final_metrics: dict[str, dict[str, float]] = {}
         """Per hookpoint, the last validation's figures (fvu, l0, ce_*), read by the job's table."""
         self.last_val_step = -1

@@ -158,7 +158,15 @@ def _processes_per_node(trainer_cfg: dict[str, Any]) -> int:
 
 
 def train(cfg: DictConfig, job: str) -> int:
-    import torch
+    """Run the job; a config problem found only now (a bad resume path, ...) exits with status 2."""
+    try:
+        return _train(cfg, job)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(cfg: DictConfig, job: str) -> int:
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.utilities import rank_zero_only
@@ -172,6 +180,12 @@ def train(cfg: DictConfig, job: str) -> int:
     trainer_cfg = {**TRAINER_DEFAULTS, **OmegaConf.to_container(cfg.trainer, resolve=True)}
     if trainer_cfg.get("max_steps", -1) in (-1, None) and not cfg.data.max_tokens:
         raise ConfigError("set trainer.max_steps or data.max_tokens: the token stream never ends")
+    owned = sorted({"logger", "callbacks", "default_root_dir"} & set(trainer_cfg))
+    if owned:
+        raise ConfigError(
+            f"trainer.{owned[0]} is set by the job (use the top-level `logger`, `output_dir` and "
+            "`checkpoint_every` keys)"
+        )
     if trainer_cfg.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError("trainer.accumulate_grad_batches is not supported: raise data.batch_size instead")
     if trainer_cfg.get("max_steps", -1) not in (-1, None):

@@ -1,0 +1,461 @@
+"""Tests of lightning_edit.sparse: init rules, constraints, losses, AuxK, formats."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_edit.sparse import (
+    DeadLatentTracker,
+    SparseCoderConfig,
+    SparseCoderFormatError,
+    TopKSparseCoder,
+    check_width,
+    default_lr,
+    load_saelens,
+    load_sparse_coder,
+    load_sparse_coders,
+    load_sparsify,
+    saelens_hook_name,
+    save_saelens,
+    save_sparse_coders,
+    save_sparsify,
+)
+
+D_IN, N_LATENTS, K = 16, 64, 4
+
+
+def make_sae(**overrides) -> TopKSparseCoder:
+    torch.manual_seed(0)
+    return TopKSparseCoder(SparseCoderConfig(d_in=D_IN, num_latents=N_LATENTS, k=K, **overrides))
+
+
+def make_transcoder(**overrides) -> TopKSparseCoder:
+    torch.manual_seed(0)
+    cfg = SparseCoderConfig(
+        d_in=D_IN, d_out=12, num_latents=N_LATENTS, k=K, mode="transcoder", **overrides
+    )
+    return TopKSparseCoder(cfg)
+
+
+def batch(n=64, d=D_IN, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 2 + 0.5
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_validation():
+    cfg = SparseCoderConfig(d_in=8)
+    assert cfg.resolved_num_latents == 8 * 32 and cfg.resolved_k_aux == 4
+    assert cfg.normalize_decoder is True and cfg.auxk and cfg.k == 32
+    assert SparseCoderConfig(d_in=8, mode="transcoder").normalize_decoder is False
+    with pytest.raises(ValueError, match="mode"):
+        SparseCoderConfig(d_in=8, mode="bogus")
+    with pytest.raises(ValueError, match="skip_connection"):
+        SparseCoderConfig(d_in=8, skip_connection=True)
+    with pytest.raises(ValueError, match="activation"):
+        SparseCoderConfig(d_in=8, activation="relu")
+    with pytest.raises(ValueError, match="k=99"):
+        SparseCoderConfig(d_in=8, num_latents=16, k=99)
+    with pytest.raises(ValueError, match="normalize_decoder"):
+        SparseCoderConfig(d_in=8, mode="transcoder", normalize_decoder=True)
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+
+
+# --- initialisation -------------------------------------------------------------------------------
+
+
+def test_sae_init_decoder_unit_norm_parallel_to_encoder_and_b_dec_batch_mean():
+    sae = make_sae()
+    w_dec, w_enc = sae.W_dec.detach(), sae.encoder.weight.detach()
+    torch.testing.assert_close(w_dec.norm(dim=1), torch.ones(N_LATENTS))
+    cos = torch.nn.functional.cosine_similarity(w_dec, w_enc, dim=1)
+    torch.testing.assert_close(cos, torch.ones(N_LATENTS))
+    assert torch.all(sae.encoder.bias == 0)
+    x = batch()
+    sae.initialize(x)
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+
+
+def test_transcoder_init_rules():
+    tc = make_transcoder(skip_connection=True)
+    assert torch.all(tc.W_dec == 0) and tc.W_dec.shape == (N_LATENTS, 12)
+    assert torch.all(tc.W_skip == 0) and tc.W_skip.shape == (12, D_IN)
+    x, y = batch(), batch(d=12, seed=2)
+    tc.initialize(x, y)
+    torch.testing.assert_close(tc.b_dec.detach(), y.mean(0))
+    torch.testing.assert_close(tc.encoder.bias.detach(), -(x.mean(0) @ tc.encoder.weight.mT))
+    # Zero decoder: the first prediction is the mean target.
+    torch.testing.assert_close(tc.reconstruct(x), y.mean(0).expand(64, 12))
+    with pytest.raises(ValueError, match="target y"):
+        tc(x)
+
+
+# --- decoder constraint ---------------------------------------------------------------------------
+
+
+def test_renorm_after_optimizer_step_keeps_unit_rows():
+    sae = make_sae()
+    x = batch()
+    sae.initialize(x)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(3):
+        sae(x).fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        assert sae.set_decoder_norm_to_unit_norm()
+        torch.testing.assert_close(sae.W_dec.detach().norm(dim=1), torch.ones(N_LATENTS))
+
+
+def test_gradient_parallel_to_decoder_rows_removed():
+    sae = make_sae()
+    sae(batch()).fvu.backward()
+    sae.W_dec.grad += 0.5 * sae.W_dec.detach()  # make sure there is a parallel part to remove
+    assert sae.remove_gradient_parallel_to_decoder_directions()
+    dots = (sae.W_dec.grad * sae.W_dec.detach()).sum(1)
+    assert dots.abs().max() < 1e-6
+
+
+def test_decoder_constraint_is_a_noop_for_transcoders():
+    tc = make_transcoder()
+    tc(batch(), batch(d=12)).fvu.backward()
+    before = tc.W_dec.grad.clone()
+    with pytest.warns(UserWarning, match="no norm constraint"):
+        assert tc.remove_gradient_parallel_to_decoder_directions() is False
+    assert torch.equal(tc.W_dec.grad, before)
+
+
+# --- encode / decode / losses ---------------------------------------------------------------------
+
+
+def test_topk_gives_exactly_k_nonzeros_per_token():
+    sae = make_sae()
+    x = batch()
+    sae.initialize(x)
+    acts, indices = sae.encode(x)
+    assert acts.shape == indices.shape == (64, K)
+    dense = torch.zeros(64, N_LATENTS).scatter(1, indices, acts)
+    assert torch.all((dense != 0).sum(1) == K)
+    # And they are the k largest pre-activations.
+    pre = torch.nn.functional.linear(x - sae.b_dec, sae.encoder.weight, sae.encoder.bias).relu()
+    torch.testing.assert_close(acts.sort(1).values, pre.topk(K).values.sort(1).values)
+
+
+def test_sparse_gather_decode_equals_dense_decode():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    acts, indices = sae.encode(batch())
+    torch.testing.assert_close(sae.decode(acts, indices), sae.decode_dense(acts, indices))
+    x3 = batch().reshape(4, 16, D_IN)  # leading dims are kept
+    assert sae(x3).output.shape == (4, 16, D_IN)
+
+
+def test_fvu_perfect_reconstruction_is_zero_and_mean_prediction_is_one():
+    tc = make_transcoder()
+    x, y = batch(), batch(d=12, seed=3)
+    tc.initialize(x, y)  # W_dec = 0: the prediction is the mean target
+    assert tc(x, y).fvu.item() == pytest.approx(1.0, abs=1e-5)
+    sae = make_sae()
+    sae.initialize(x)
+    perfect = sae.reconstruct(x).detach()  # a target the coder reproduces exactly
+    assert sae(x, perfect).fvu.item() == 0.0
+
+
+def test_multi_topk_fvu_present_only_when_enabled():
+    x = batch()
+    off = make_sae()
+    off.initialize(x)
+    assert off(x).multi_topk_fvu.item() == 0.0
+    on = make_sae(multi_topk=True)
+    on.initialize(x)
+    out = on(x)
+    pre = torch.nn.functional.linear(x - on.b_dec, on.encoder.weight, on.encoder.bias)
+    vals, idx = pre.topk(4 * K)
+    x_hat_4k = on.decode_dense(torch.relu(vals), idx)
+    expected = (x - x_hat_4k).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert out.multi_topk_fvu.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.multi_topk_fvu.requires_grad
+
+
+def test_sparse_backward_matches_dense_autograd():
+    sae = make_sae(multi_topk=True, k_aux=8)
+    x = batch()
+    sae.initialize(x)
+    dead = torch.zeros(N_LATENTS, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead)
+    (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+
+    ref = make_sae(multi_topk=True, k_aux=8)
+    ref.load_state_dict(sae.state_dict())
+    pre = torch.nn.functional.linear(x - ref.b_dec, ref.encoder.weight, ref.encoder.bias)
+    tv = (x - x.mean(0)).pow(2).sum()
+
+    def dense_decode(vals, idx, bias=True):
+        code = torch.zeros_like(pre).scatter(1, idx, torch.relu(vals))
+        return code @ ref.W_dec + (ref.b_dec if bias else 0)
+
+    v, i = pre.topk(K)
+    x_hat = dense_decode(v, i)
+    fvu = (x - x_hat).pow(2).sum() / tv
+    v4, i4 = pre.topk(4 * K)
+    mtk = (x - dense_decode(v4, i4)).pow(2).sum() / tv
+    va, ia = pre.masked_fill(~dead, -torch.inf).topk(8)
+    aux = (dense_decode(va, ia, bias=False) - (x - x_hat).detach()).pow(2).sum() / tv
+    (fvu + aux + mtk).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad)
+
+
+def test_bfloat16_autocast_forward_backward():
+    sae = make_sae()
+    x = batch()
+    sae.initialize(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, dead_mask=torch.ones(N_LATENTS, dtype=torch.bool))
+    (out.fvu + out.auxk_loss).backward()
+    assert out.output.dtype == torch.float32 and torch.isfinite(out.fvu)
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+    bf16 = make_sae().to(torch.bfloat16)
+    assert bf16(x.bfloat16()).output.dtype == torch.bfloat16
+
+
+def test_relu_transcoder_with_skip_trains():
+    tc = make_transcoder(activation="relu", skip_connection=True, k_aux=4)
+    x, y = batch(), batch(d=12, seed=2)
+    tc.initialize(x, y)
+    tc.W_dec.data.normal_()
+    dead = torch.zeros(N_LATENTS, dtype=torch.bool)
+    dead[:8] = True
+    out = tc(x, y, dead_mask=dead)
+    assert out.latent_acts.shape == (64, N_LATENTS) and out.output.shape == (64, 12)
+    torch.testing.assert_close(out.output, tc.reconstruct(x))
+    torch.testing.assert_close(out.output, tc.decode_dense(out.latent_acts, out.latent_indices)
+                               + x @ tc.W_skip.mT)
+    (out.fvu + out.auxk_loss).backward()
+    assert tc.W_skip.grad.abs().sum() > 0 and tc.encoder.weight.grad.abs().sum() > 0
+
+
+# --- dead latents and AuxK ------------------------------------------------------------------------
+
+
+def test_dead_latent_tracker():
+    tracker = DeadLatentTracker(8, dead_after_tokens=10)
+    idx = torch.tensor([[0, 1], [1, 2]])
+    tracker.update(idx, torch.tensor([[1.0, 1.0], [1.0, 0.0]]))  # latent 2 selected but zero
+    assert tracker.num_tokens_since_fired.tolist() == [0, 0, 2, 2, 2, 2, 2, 2]
+    tracker.update(idx, num_tokens=8)
+    assert tracker.dead_mask.tolist() == [False, False, False] + [True] * 5
+    assert tracker.dead_fraction == pytest.approx(5 / 8)
+
+
+def _train_with_dead_latents(auxk: bool, steps: int = 300) -> tuple[int, int]:
+    """Train on a sparse dictionary with 32 latents made dead; (most dead, dead at the end)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on shared cores
+    try:
+        return _train_with_dead_latents_impl(auxk, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_with_dead_latents_impl(auxk: bool, steps: int) -> tuple[int, int]:
+    torch.manual_seed(0)
+    d, n_atoms, n, k, n_dead = 32, 128, 128, 4, 32
+    atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d), dim=1)
+
+    def sample(tokens):
+        code = torch.zeros(tokens, n_atoms)
+        code.scatter_(1, torch.rand(tokens, n_atoms).topk(k).indices, torch.rand(tokens, k) + 0.5)
+        return code @ atoms
+
+    # Dead after 10 batches without firing.
+    cfg = SparseCoderConfig(d_in=d, num_latents=n, k=k, auxk=auxk, dead_after_tokens=2560)
+    sae = TopKSparseCoder(cfg)
+    with torch.no_grad():
+        sae.encoder.weight[:n_dead] *= 1e-3  # never in the top k: dead on purpose
+    tracker = sae.new_dead_latent_tracker()
+    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n))
+    sae.initialize(sample(256))
+    most_dead = 0
+    for _ in range(steps):
+        out = sae(sample(256), dead_mask=tracker.dead_mask)
+        (out.fvu + out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        tracker.update(out.latent_indices, out.latent_acts)
+        most_dead = max(most_dead, int(tracker.dead_mask.sum()))
+    return most_dead, int(tracker.dead_mask.sum())
+
+
+def test_auxk_revives_dead_latents():
+    most_with, end_with = _train_with_dead_latents(auxk=True)
+    most_without, end_without = _train_with_dead_latents(auxk=False)
+    assert most_with >= 32 and most_without >= 32  # the sabotaged latents did die
+    assert end_without >= 0.9 * most_without  # without AuxK nothing brings them back
+    assert end_with <= 0.5 * most_with  # with AuxK most fire again
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+
+def _trained_like(coder: TopKSparseCoder) -> TopKSparseCoder:
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.normal_()
+    return coder
+
+
+def _assert_same(a: TopKSparseCoder, b: TopKSparseCoder):
+    assert a.cfg == b.cfg
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparsify_round_trip_is_bit_exact(tmp_path, dtype):
+    for coder in (make_sae(multi_topk=True), make_transcoder(skip_connection=True)):
+        coder = _trained_like(coder).to(dtype)
+        save_sparsify(coder, tmp_path / coder.cfg.mode)
+        cfg = json.loads((tmp_path / coder.cfg.mode / "cfg.json").read_text())
+        assert cfg["d_in"] == D_IN and cfg["transcode"] == coder.is_transcoder
+        assert {"num_latents", "k", "expansion_factor", "multi_topk", "skip_connection"} <= set(cfg)
+        names = set(load_file(str(tmp_path / coder.cfg.mode / "sae.safetensors")))
+        assert {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} <= names
+        _assert_same(coder, load_sparse_coder(tmp_path / coder.cfg.mode))
+
+
+def test_saelens_round_trip_is_bit_exact(tmp_path):
+    sae = _trained_like(make_sae())
+    save_saelens(sae, tmp_path, hook_name="blocks.2.hook_resid_post")
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert tensors["W_enc"].shape == (D_IN, N_LATENTS)
+    assert tensors["W_dec"].shape == (N_LATENTS, D_IN)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == N_LATENTS and cfg["k"] == K
+    assert saelens_hook_name(tmp_path) == "blocks.2.hook_resid_post"
+    _assert_same(sae, load_sparse_coder(tmp_path))
+
+
+def test_saelens_file_written_by_saelens_loads(tmp_path):
+    """A pre-6.0 style file without our extra key: 'standard' + activation_fn 'topk'."""
+    sae = _trained_like(make_sae())
+    save_saelens(sae, tmp_path, hook_name="h")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["lightning_edit"], cfg["k"], cfg["metadata"]
+    cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": K},
+               hook_name="blocks.0.hook_resid_pre")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_saelens(tmp_path)
+    assert loaded.cfg.k == K and loaded.num_latents == N_LATENTS
+    torch.testing.assert_close(loaded.encoder.weight, sae.encoder.weight, rtol=0, atol=0)
+    assert saelens_hook_name(tmp_path) == "blocks.0.hook_resid_pre"
+
+
+def test_cfg_json_as_sparsify_writes_it(tmp_path):
+    """sparsify's own field set: no 'mode', 'transcode' flag, normalize_decoder always true."""
+    tc_sq = TopKSparseCoder(SparseCoderConfig(d_in=D_IN, num_latents=N_LATENTS, k=K,
+                                              mode="transcoder"))  # d_out = d_in, as in sparsify
+    save_sparsify(_trained_like(tc_sq), tmp_path)
+    sparsify_cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+                    "num_latents": N_LATENTS, "k": K, "multi_topk": False,
+                    "skip_connection": False, "embed_skip": False, "transcode": True, "d_in": D_IN}
+    (tmp_path / "cfg.json").write_text(json.dumps(sparsify_cfg))
+    loaded = load_sparse_coder(tmp_path)
+    assert loaded.is_transcoder and loaded.cfg.normalize_decoder is False
+    torch.testing.assert_close(loaded.W_dec, tc_sq.W_dec, rtol=0, atol=0)
+
+
+def test_load_sparse_coders_over_hookpoints(tmp_path):
+    coders = {
+        "layers.2": _trained_like(make_sae()),
+        "layers.10.mlp": _trained_like(make_transcoder()),
+    }
+    save_sparse_coders(coders, tmp_path)
+    assert (tmp_path / "layers.2" / "cfg.json").exists()
+    loaded = load_sparse_coders(tmp_path)
+    assert list(loaded) == ["layers.2", "layers.10.mlp"]
+    for hookpoint, coder in coders.items():
+        _assert_same(coder, loaded[hookpoint])
+        assert loaded[hookpoint].source_path == tmp_path / hookpoint
+
+
+def test_loaded_coder_trains(tmp_path):
+    save_sparsify(make_sae(), tmp_path)
+    assert load_sparsify(tmp_path, dtype=torch.bfloat16).W_dec.dtype == torch.bfloat16
+    sae = load_sparsify(tmp_path, device="cpu")
+    assert sae.W_dec.dtype == torch.float32
+    assert all(p.requires_grad for p in sae.parameters())
+    sae(batch()).fvu.backward()
+    assert sae.W_dec.grad is not None
+
+
+# --- format errors --------------------------------------------------------------------------------
+
+
+def test_missing_cfg_json_names_the_file(tmp_path):
+    save_sparsify(make_sae(), tmp_path)
+    (tmp_path / "cfg.json").unlink()
+    with pytest.raises(SparseCoderFormatError, match=r"cfg\.json.*sparsify"):
+        load_sparse_coder(tmp_path)
+
+
+def test_missing_weights_names_the_file(tmp_path):
+    save_sparsify(make_sae(), tmp_path / "a")
+    (tmp_path / "a" / "sae.safetensors").unlink()
+    with pytest.raises(SparseCoderFormatError, match=r"sae\.safetensors"):
+        load_sparse_coder(tmp_path / "a")
+    save_saelens(make_sae(), tmp_path / "b", hook_name="h")
+    (tmp_path / "b" / "sae_weights.safetensors").unlink()
+    with pytest.raises(SparseCoderFormatError, match=r"sae_weights\.safetensors.*SAELens"):
+        load_sparse_coder(tmp_path / "b")
+    with pytest.raises(SparseCoderFormatError, match="no sparse coder found"):
+        load_sparse_coder(tmp_path / "b" / "..")
+
+
+def test_unknown_architecture(tmp_path):
+    save_saelens(make_sae(), tmp_path, hook_name="h")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["architecture"] = "jumprelu"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SparseCoderFormatError, match=r"cfg\.json: architecture 'jumprelu'"):
+        load_sparse_coder(tmp_path)
+
+
+def test_int8_tensor_is_refused_by_name(tmp_path):
+    save_sparsify(make_sae(), tmp_path)
+    path = str(tmp_path / "sae.safetensors")
+    tensors = load_file(path)
+    tensors["W_dec"] = tensors["W_dec"].to(torch.int8)
+    save_file(tensors, path)
+    match = r"sae\.safetensors: tensor 'W_dec' has dtype I8"
+    with pytest.raises(SparseCoderFormatError, match=match):
+        load_sparse_coder(tmp_path)
+
+
+def test_shape_mismatching_cfg(tmp_path):
+    save_sparsify(make_sae(), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["num_latents"] = 2 * N_LATENTS
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    match = r"sae\.safetensors: tensor 'encoder.weight' has shape \[64, 16\]"
+    with pytest.raises(SparseCoderFormatError, match=match):
+        load_sparse_coder(tmp_path)
+
+
+def test_width_mismatch_names_hookpoint_and_file(tmp_path):
+    save_sparsify(make_sae(), tmp_path / "layers.3")
+    coder = load_sparse_coders(tmp_path)["layers.3"]
+    check_width(coder, D_IN, "layers.3", "tiny-llama")
+    with pytest.raises(SparseCoderFormatError, match=r"layers\.3.*d_in=16.*tiny-llama.*width 32"):
+        check_width(coder, 32, "layers.3", "tiny-llama")

@@ -89,7 +89,7 @@ def test_single_edit_makes_target_the_argmax(small_world, small_sae, records):
 
 
 def test_gate_passes_out_of_scope_input_unchanged(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="delta", gate_unit="token", tau=1e-9)
+    editor = make_editor(small_world, small_sae, gate="delta", delta_tau=1e-9)
     editor.apply([records[0]])
     edited_rows = torch.tensor(editor.ledger[0].changed["W_dec"])
     lines = small_world.corpus_path.read_text().splitlines()[:200]
@@ -112,7 +112,7 @@ def test_gate_passes_out_of_scope_input_unchanged(small_world, small_sae, record
 
 
 def test_edited_prompt_is_admitted_by_gates(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="delta", gate_unit="token", tau="calibrate")
+    editor = make_editor(small_world, small_sae, gate="delta")
     editor.apply([records[0]])
     stats = editor.scope_statistics([records[0].prompt], gates=("delta", "overlap"))
     assert stats["delta_last"][0] > editor.tau
@@ -170,7 +170,7 @@ def test_rollback_of_an_earlier_edit_keeps_later_ones(small_world, small_sae, re
 def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_path):
     from lightning_edit.editors.state import load_edit_state, save_edit_state
 
-    editor = make_editor(small_world, small_sae, gate="delta", gate_unit="token")
+    editor = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
     for record in records[:3]:
         editor.apply([record])
     prompts = [r.prompt for r in records] + [p.prompt for r in records for p in r.locality[:2]]
@@ -182,9 +182,9 @@ def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_
     exported = load_sparse_coder(tmp_path / "state" / "sae" / small_sae[1])
     assert torch.equal(exported.W_dec, editor.sae.W_dec)
 
-    fresh = make_editor(small_world, small_sae, gate="delta", gate_unit="token")
+    fresh = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
     load_edit_state(fresh, tmp_path / "state")
-    assert fresh.tau == editor.tau and fresh.alpha == editor.alpha
+    assert fresh.taus == editor.taus and fresh.alpha == editor.alpha
     assert len(fresh.ledger) == 3
     with torch.no_grad(), fresh.edited() as model:
         assert torch.equal(model(**batch).logits, expected)

@@ -138,13 +138,15 @@ def scope_report(editor, records: Sequence[Any], corpus: Sequence[str] | None = 
             "quantiles": {when: {k: _quantiles(v) for k, v in values[g][when].items()}
                           for when in ("before", "after")},
         }
-    if editor.tau is not None and editor.cfg.effective_gate in summary:
-        g = editor.cfg.effective_gate
+    for g in gates:
+        tau = editor.taus.get(g)
+        if tau is None:
+            continue
         high = ADMITS_HIGH[g]
         summary[g]["admitted_at_current_tau"] = {
-            k: float(((v >= editor.tau) if high else (v <= editor.tau)).double().mean()) if len(v) else math.nan
+            k: float(((v >= tau) if high else (v <= tau)).double().mean()) if len(v) else math.nan
             for k, v in values[g]["after"].items()}
-        summary[g]["current_tau"] = editor.tau
+        summary[g]["current_tau"] = tau
     return {"values": values, "summary": summary, "alpha": editor.alpha, "edits": len(editor.ledger)}
 
 
@@ -258,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = editor.cfg.effective_gate
     if g in report["summary"]:
         print(f"\nproposed tau for the {g} gate: {report['summary'][g]['proposed_tau']:.6g} "
-              f"(editor.tau={report['summary'][g]['proposed_tau']:.6g}); report in {out}")
+              f"(configured: {editor.tau}); report in {out}")
     return 0
 
 

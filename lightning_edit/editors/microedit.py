@@ -102,14 +102,23 @@ class MicroEditConfig:
     gate: str = "ard"
     """Scope gate at inference: "ard" (the paper's switch, Eq. 12), "delta" (ARD against the pre-edit
     decoder), "overlap" (Jaccard of active latents with an edit's rows) or "none" (always substitute)."""
-    gate_unit: str = "sequence"
-    """"sequence": one decision per input from its statistic averaged over its tokens (Alg. 2);
-    "token": a decision per position (causal; cached generation and teacher forcing agree)."""
+    gate_unit: str | None = None
+    """"sequence": one decision per input from its statistic over its tokens (Alg. 2);
+    "token": a decision per position (causal: cached generation and teacher forcing agree);
+    None = the gate's own: "sequence" for "ard" (as in the paper), "token" for "delta"/"overlap"."""
     tau: float | str = 0.5
-    """Gate threshold; paper (alpha=600): 0.5 for T < 100, 0.55 for T >= 100. "calibrate" =
-    the `tau_quantile` quantile of ARD over the reference corpus with the unedited SAE."""
+    """The ARD switch's threshold (admit iff ARD <= tau); paper (alpha=600): 0.5 for T < 100, 0.55
+    for T >= 100. "calibrate" = the `tau_quantile` quantile of ARD over the reference corpus with
+    the unedited SAE."""
+    delta_tau: float | str = "calibrate"
+    """The delta gate's threshold (admit iff ||z_hat - z_hat_0||^2 / alpha >= delta_tau);
+    "calibrate" = the same quantile of unedited ARD: the edit must move the reconstruction by more
+    than the SAE's own error. Not in the paper."""
+    overlap_tau: float = 0.5
+    """The overlap gate's threshold: admit iff some edit's row mask has Jaccard overlap >= this with
+    the active latents (meant for mask_tokens="last", where M is one token's k latents). Not in the paper."""
     tau_quantile: float = 0.99
-    """Quantile used when tau = "calibrate". Not in the paper."""
+    """Quantile used by "calibrate". Not in the paper."""
     use_switch: bool = True
     """Ablation "- Shunting Mechanism" (Table 4) when False: the gate is "none"."""
     use_stage1: bool = True
@@ -132,14 +141,15 @@ class MicroEditConfig:
             raise bad("mask_tokens", '"all" or "last"')
         if self.gate not in GATES:
             raise bad("gate", f"one of {', '.join(GATES)}")
-        if self.gate_unit not in UNITS:
-            raise bad("gate_unit", f"one of {', '.join(UNITS)}")
         if isinstance(self.alpha, str) and self.alpha != "auto":
             raise bad("alpha", 'a positive number or "auto"')
         if not isinstance(self.alpha, str) and not self.alpha > 0:
             raise bad("alpha", 'a positive number or "auto"')
-        if isinstance(self.tau, str) and self.tau != "calibrate":
-            raise bad("tau", 'a number or "calibrate"')
+        for name in ("tau", "delta_tau"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "calibrate":
+                raise bad(name, 'a number or "calibrate"')
+        if self.gate_unit is not None and self.gate_unit not in UNITS:
+            raise bad("gate_unit", f"one of {', '.join(UNITS)} or null")
         if not 0.0 <= self.tau_quantile <= 1.0:
             raise bad("tau_quantile", "a number in [0, 1]")
         for name in ("stage1_max_steps", "stage2_max_steps", "calib_samples"):
@@ -232,7 +242,13 @@ class MicroEdit(Editor):
         adapter.module(self.hookpoint)  # fails early, naming valid hookpoints
         self.sae.requires_grad_(False)
         self.alpha: float | None = None if cfg.alpha == "auto" else float(cfg.alpha)
-        self.tau: float | None = None if cfg.tau == "calibrate" else float(cfg.tau)
+        self.taus: dict[str, float | None] = {
+            "ard": None if cfg.tau == "calibrate" else float(cfg.tau),
+            "delta": None if cfg.delta_tau == "calibrate" else float(cfg.delta_tau),
+            "overlap": float(cfg.overlap_tau),
+            "none": 0.0,
+        }
+        """Each gate's threshold, calibrated ones filled in by `prepare`."""
         self.reference_corpus: list[str] | None = None
         """Lines used by `prepare()` when the engine passes no corpus (from_config sets the world's)."""
         self.reference_ard: Tensor | None = None
@@ -296,23 +312,28 @@ class MicroEdit(Editor):
     def prepare(self, corpus: list[str] | None = None) -> None:
         """alpha="auto" and tau="calibrate" from a reference corpus, with the unedited SAE."""
         corpus = corpus if corpus is not None else self.reference_corpus
-        need = self.cfg.alpha == "auto" or self.cfg.tau == "calibrate"
+        calibrated = [g for g, key in (("ard", "tau"), ("delta", "delta_tau"))
+                       if getattr(self.cfg, key) == "calibrate"]
+        need = self.cfg.alpha == "auto" or calibrated
         if not corpus:
-            if self.cfg.tau == "calibrate" and self.tau is None:
-                raise ValueError("MicroEdit: tau='calibrate' needs a reference corpus (prepare(corpus))")
             return
         lines = _spread([c for c in corpus if c.strip()], self.cfg.calib_samples)
         stats = self.scope_statistics(lines, gates=("ard",), base=True, alpha=1.0)
         if self.cfg.alpha == "auto":
             self.alpha = float(stats["z_sq"].sum() / stats["n_tokens"].sum())
         self.reference_ard = stats["ard"] / self.alpha
-        if self.cfg.tau == "calibrate":
-            self.tau = float(torch.quantile(self.reference_ard, self.cfg.tau_quantile))
+        for gate in calibrated:
+            self.taus[gate] = float(torch.quantile(self.reference_ard, self.cfg.tau_quantile))
         if need:
             q = torch.quantile(self.reference_ard, torch.tensor([0.01, 0.5, 0.99]))
             _say(f"calibrated on {len(lines)} reference lines: alpha={self.alpha:.4g}, "
-                 f"unedited ARD p1/p50/p99 = {q[0]:.3g}/{q[1]:.3g}/{q[2]:.3g}, tau={self.tau:.4g} "
-                 f"({self.cfg.effective_gate} gate)")
+                 f"unedited ARD p1/p50/p99 = {q[0]:.3g}/{q[1]:.3g}/{q[2]:.3g}; gate "
+                 f"{self.cfg.effective_gate}, tau={self.tau}")
+
+    @property
+    def tau(self) -> float | None:
+        """The threshold of the configured gate."""
+        return self.taus[self.cfg.effective_gate]
 
     def _alpha_or_fallback(self, z: Tensor, valid: Tensor) -> float:
         if self.alpha is None:  # alpha="auto" without prepare(): the first edit prompt's mean ||z||^2
@@ -485,14 +506,17 @@ class MicroEdit(Editor):
     # --- inference ---------------------------------------------------------------------------
 
     def make_gate(self, name: str | None = None, tau: float | None = None, unit: str | None = None) -> ScopeGate:
-        """The scope gate `name` (default: the config's), with this editor's alpha and tau."""
+        """The scope gate `name` (default: the config's), with this editor's alpha and its tau."""
         name = name or self.cfg.effective_gate
-        unit = unit or self.cfg.gate_unit
-        tau = self.tau if tau is None else tau
+        if name not in GATES:
+            raise ValueError(f"unknown gate {name!r}; choices: {', '.join(GATES)}")
+        unit = unit or self.cfg.gate_unit or ("sequence" if name == "ard" else "token")
+        tau = self.taus[name] if tau is None else tau
         if name == "none":
             return AlwaysOn(unit=unit)
         if tau is None:
-            raise ValueError("MicroEdit: tau='calibrate' but prepare() has not calibrated it yet")
+            raise ValueError(f"MicroEdit: the {name} gate's tau is 'calibrate' but prepare() has not "
+                             "calibrated it (no reference corpus)")
         alpha = self.alpha if self.alpha is not None else 1.0
         if name == "ard":
             return ARDSwitch(tau, alpha, unit)
@@ -711,7 +735,7 @@ class MicroEdit(Editor):
             "hookpoint": self.hookpoint,
             "config": asdict(self.cfg),
             "alpha": self.alpha,
-            "tau": self.tau,
+            "taus": dict(self.taus),
             "shape": list(W.shape),
             "changed_rows": self._changed_rows.cpu().clone(),
             "base_rows": self._base_rows.cpu().clone(),
@@ -747,8 +771,10 @@ class MicroEdit(Editor):
         self._changed[changed] = True
         self._changed_rows, self._base_rows = changed.clone(), base.clone()
         self.alpha = state["alpha"]
-        if self.cfg.tau == "calibrate" or self.tau is None:
-            self.tau = state["tau"]
+        # Calibrated thresholds come from the state; fixed ones from this editor's config.
+        for gate, key in (("ard", "tau"), ("delta", "delta_tau")):
+            if getattr(self.cfg, key) == "calibrate":
+                self.taus[gate] = state["taus"].get(gate)
         ref = state.get("reference_ard")
         self.reference_ard = None if ref is None else ref.clone()
         self._masks = {int(i): m.to(dev).long() for i, m in state["masks"].items()}

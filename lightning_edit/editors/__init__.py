@@ -9,6 +9,8 @@ from lightning_edit.editors.base import Editor, LedgerEntry
 EDITORS: dict[str, str] = {
     "microedit": "lightning_edit.editors.microedit:MicroEdit",
     "ft": "lightning_edit.editors.ft:FineTune",
+    "grace": "lightning_edit.editors.grace:Grace",
+    "wise": "lightning_edit.editors.wise:Wise",
 }
 
 

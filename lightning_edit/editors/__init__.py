@@ -11,6 +11,7 @@ EDITORS: dict[str, str] = {
     "ft": "lightning_edit.editors.ft:FineTune",
     "grace": "lightning_edit.editors.grace:Grace",
     "wise": "lightning_edit.editors.wise:Wise",
+    "rome": "lightning_edit.editors.rome:ROME",
 }
 
 

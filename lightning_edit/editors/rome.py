@@ -1,0 +1,164 @@
+"""ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"): one rank-one update of
+one layer's MLP down projection per edit.
+
+For an edit (s, r, o -> o*) at layer l, with W the down projection as [d_model, d_ff]:
+    k   = the down projection's input at the subject's last token of the prompt
+    k_  = k averaged over the context templates                                       (Eq. 3)
+    v*  = the MLP output at that position that makes o* the prediction                (Eq. 4,
+          `locate.compute_value`: target NLL + KL on "{subject} is a" + norm penalty)
+    C   = E[k k^T] of the down projection's inputs over a corpus                      (cached,
+          `locate.second_moment`, site "down_proj_input")
+    W'  = W + (v* - W k) (C^-1 k_)^T / ((C^-1 k_)^T k)                                (Eq. 2)
+so W' k = v* exactly, and the change is smallest in the C-weighted sense for every other key.
+Edits in a stream apply one after another, each over the weights the earlier ones left; C stays the
+base model's (computed once in `prepare`, as ROME's cache). GPT-2's Conv1D stores W transposed:
+the update goes through `adapter.down_proj_weight`, a [d_model, d_ff] view of the parameter.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.locate import StatsMismatchError, ValueSolverConfig, compute_value, second_moment
+from lightning_edit.metrics import teacher_forced
+
+
+@dataclass
+class ROMEConfig:
+    """ROME's hyperparameters; defaults are the paper's GPT-2 XL settings (`hparams/ROME/gpt2-xl.json`
+    of the reference code). Size-dependent values for the embedded world are in configs/baselines/rome.yaml."""
+
+    layer: int = 17
+    """The edited layer (GPT-2 XL: 17 of 48, picked by causal tracing, Sec. 2 / Fig. 2); negative
+    counts from the last layer. Size-dependent: set it per model."""
+    position: str = "subject_last"
+    """Key position: "subject_last" (the subject's last token, Sec. 3.1) or "last" (the prompt's)."""
+    mom2_adjustment: bool = True
+    """Use C^-1 k in the update (Eq. 2); False is the plain rank-one update along k (ROME's ablation)."""
+    mom2_n_samples: int | None = 100000
+    """Corpus texts the second moment C is estimated from (ROME: 100,000 Wikipedia texts); None = all."""
+    stats_batch_size: int = 32
+    """Texts per forward pass while C is estimated (speed only; not in the paper)."""
+    v_steps: int = 20
+    """Value-solver steps at most (`v_num_grad_steps`, Eq. 4)."""
+    v_lr: float = 0.5
+    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    v_weight_decay: float = 0.5
+    """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
+    v_decay: str = "rome"
+    """Penalty form: "rome" = ||delta|| / ||h||^2 as the reference code, "relative_sq" = ||delta||^2 / ||h||^2."""
+    clamp_norm_factor: float = 4.0
+    """||delta|| <= clamp_norm_factor * ||h|| (`clamp_norm_factor`)."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term that keeps "{subject} is a" (essence drift, Eq. 4's second term)."""
+    nll_threshold: float = 5e-2
+    """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
+    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
+    """Prefixes the key is averaged over and the value must work in ("{}" = the prompt itself; ROME
+    samples short continuations from the model, fixed prefixes keep the edit deterministic)."""
+
+
+class ROME(Editor):
+    """ROME at `adapter.down_proj(layer)`; weights are edited in place, so `edited()` is the model."""
+
+    name = "rome"
+    config_class = ROMEConfig
+    supports_batch = False
+
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: ROMEConfig, component: nn.Module | None = None):
+        super().__init__(model, tokenizer, adapter, cfg)
+        n = adapter.num_layers
+        if not -n <= cfg.layer < n:
+            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        self.layer = cfg.layer % n
+        self.param_name = adapter.down_proj_name(self.layer) + ".weight"
+        """Name of the edited parameter relative to the adapter's base model."""
+        self.solver = ValueSolverConfig(
+            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
+            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
+            context_templates=tuple(cfg.context_templates), position=cfg.position,
+            value_site="mlp_output", key_site="down_proj_input")
+        self.second_moment: torch.Tensor | None = None
+        """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
+
+    def prepare(self, corpus: list[str] | None = None) -> None:
+        """Estimate C over `corpus` with the unedited model (read from the statistics cache when there)."""
+        if not self.cfg.mom2_adjustment:
+            return
+        if not corpus:
+            raise ValueError("ROME needs a corpus for its second-moment statistics (editor.mom2_adjustment "
+                             "is true): set data.corpus to a text file, one passage a line")
+        c = _second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, self.cfg.mom2_n_samples,
+                           self.cfg.stats_batch_size)
+        self.second_moment = c.to(device=self.device, dtype=torch.float64)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.adapter.down_proj(self.layer).weight
+
+    def apply(self, records: list) -> list[LedgerEntry]:
+        if len(records) != 1:
+            raise ValueError(f"ROME edits one record at a time; got {len(records)} (set data.batch_size=1)")
+        (record,) = records
+        if self.cfg.mom2_adjustment and self.second_moment is None:
+            raise RuntimeError("ROME: call prepare(corpus) before the first edit (it estimates C = E[k k^T])")
+        start = time.perf_counter()
+        result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
+        key = result.key.double()                         # k, [d_ff], at the bare prompt
+        key_mean = result.context_keys.double().mean(0)   # k_, averaged over the contexts (Eq. 3)
+        u = torch.linalg.solve(self.second_moment, key_mean) if self.cfg.mom2_adjustment else key_mean
+        # v* - (W k + b) is the solver's delta: h = W k + b is the MLP output it started from.
+        residual = result.delta.double()                  # [d_model]
+        update = torch.outer(residual, u) / (u @ key)     # [d_model, d_ff]  (Eq. 2)
+        with torch.no_grad():
+            w = self.adapter.down_proj_weight(self.layer)
+            w.add_(update.to(w.dtype))
+        seconds = time.perf_counter() - start
+        after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
+        entry = LedgerEntry(
+            edit_id=len(self.ledger),
+            case_id=record.case_id,
+            prompt=record.prompt,
+            target=record.target_new,
+            changed={self.param_name: (residual != 0).nonzero().flatten().tolist()},  # output rows moved
+            delta_norm=float(update.norm()),
+            steps=len(result.losses) - 1,
+            seconds=seconds,
+            metrics_before={"target_nll": result.losses[0]["nll"]},
+            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
+                           "value_nll": result.final_nll},
+            extra={"layer": self.layer, "position": result.position},
+        )
+        self.ledger.append(entry)
+        return [entry]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": {self.param_name: self.weight.detach().clone()}, "ledger": self.ledger_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tensors = state["tensors"]
+        if set(tensors) != {self.param_name}:
+            raise ValueError(f"ROME edit state holds {sorted(tensors)}; this editor edits {self.param_name!r}")
+        with torch.no_grad():
+            self.weight.copy_(tensors[self.param_name])
+        self.load_ledger(state["ledger"])
+
+
+def _second_moment(model: nn.Module, tok, adapter, layer: int, corpus: list[str], n_samples: int | None,
+                   batch_size: int) -> torch.Tensor:
+    """E[k k^T] of the down projection's inputs at `layer`, from the statistics cache when it holds them
+    for these weights; a cached file made for other weights (e.g. a rebuilt model) is recomputed over,
+    since this model is the one being edited."""
+    kwargs = dict(site="down_proj_input", batch_size=batch_size)
+    try:
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, **kwargs)
+    except StatsMismatchError as err:
+        print(f"[rome] {err.args[0].split(';')[0]}: recomputing", file=sys.stderr)
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, recompute=True, **kwargs)

@@ -1,0 +1,334 @@
+"""TCPE (TransCoder-based Precise Editing, seeds/000): ROME's closed-form update on a transcoder's
+decoder, restricted to the decoder rows of the key's active latents.
+
+The MLP at layer l is replaced by a trained top-k transcoder (reads the MLP's input, predicts its
+output: y = z W_dec + b_dec, z the sparse latent code). For edit j (poster, "Approach"):
+    k*_j = z at the subject's last token of the prompt                     [n]   (the key)
+    S_j  = the active latents of k*_j, optionally the `lim` largest           (the support)
+    v*_j = the layer's MLP output there that predicts the new target       [d]   (ROME's value,
+           `locate.compute_value` with the delta added to the transcoder's output)
+    C    = E[z z^T] of the transcoder latents over a corpus                [n, n] (cached,
+           `locate.second_moment`, site "coder_latents")
+    Delta = (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*),  W = W_dec^T       [d, n] (ROME, Eq. 2)
+    W'[:, m] = W[:, m] + Delta[:, m]  for m in S_j only                           (TCPE Eq. 1)
+Since k* is zero off S_j, the restricted update still maps k* exactly to v* (without a `lim` cap).
+
+The splice: the transcoder replaces the MLP only inside `edited()` (and while an edit is computed),
+through `adapter.swap`; outside, `self.model` is the unedited base LM and the edits live in the
+editor's own copy of the transcoder (`self.coder.W_dec`). "The base model" for Loc is therefore the
+LM with the unedited transcoder spliced in. With no `component.path` on an embedded world, the
+world's default transcoder (configs/transcoder.yaml's coder) is found under
+`<world.root>/transcoder/<hookpoint>-k<k>/` or trained there first (said on stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.locate import Site, ValueSolverConfig, activations, compute_value, second_moment
+from lightning_edit.metrics import teacher_forced
+
+
+@dataclass
+class TCPEConfig:
+    """TCPE's hyperparameters. The poster gives Eq. 1 and defers the rest to ROME, so the value solver
+    and statistics defaults are ROME's (GPT-2 XL, `hparams/ROME/gpt2-xl.json`); size-dependent values
+    for the embedded world are in configs/tcpe.yaml. The edited layer is the transcoder's hookpoint
+    (`component.hookpoint`, an MLP such as `layers.2.mlp`)."""
+
+    lim: int | None = None
+    """Keep only the `lim` largest active latents of k* in S_j (the poster's optional cap); None = all."""
+    position: str = "subject_last"
+    """Key position: the subject's last token (ROME Sec. 3.1, TCPE), or "last" (the prompt's)."""
+    mom2_n_samples: int | None = 100000
+    """Corpus texts C = E[z z^T] is estimated from (ROME: 100,000 Wikipedia texts); None = all."""
+    mom2_ridge: float = 1e-6
+    """C + mom2_ridge * mean(diag C) * I before inverting: a top-k code leaves latents that never fire
+    on the corpus with zero rows in C. Not in the paper (ROME's dense keys need none)."""
+    stats_batch_size: int = 32
+    """Texts per forward pass while C is estimated (speed only)."""
+    v_steps: int = 20
+    """Value-solver steps at most (ROME `v_num_grad_steps`, Eq. 4)."""
+    v_lr: float = 0.5
+    """Value-solver Adam learning rate (ROME `v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    v_weight_decay: float = 0.5
+    """Weight of the norm penalty on the value delta (ROME `v_weight_decay`)."""
+    v_decay: str = "rome"
+    """Penalty form: "rome" = ||delta|| / ||h||^2 as ROME's code, "relative_sq" = ||delta||^2 / ||h||^2."""
+    clamp_norm_factor: float = 4.0
+    """||delta|| <= clamp_norm_factor * ||h|| (ROME `clamp_norm_factor`)."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term keeping "{subject} is a" (ROME `kl_factor`, Eq. 4)."""
+    nll_threshold: float = 5e-2
+    """The value solver stops once the target NLL is below this (ROME's code: 5e-2)."""
+    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
+    """Prefixes the value must work in ("{}" = the prompt); the embedded worlds need ["{}"]."""
+
+
+class TranscoderMLP(nn.Module):
+    """A transcoder with an MLP's call signature: `forward(x) -> z W_dec + b_dec (+ x W_skip^T)`.
+
+    The dense latent code passes through the identity module `latents`, so `Site("<mlp>.latents",
+    "output")` reads (or, in attribution, replaces) z [B, T, n] while the transcoder is spliced in.
+    """
+
+    def __init__(self, coder: nn.Module):
+        super().__init__()
+        self.coder = coder
+        self.latents = nn.Identity()
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        coder = self.coder
+        x = hidden_states.to(coder.dtype)
+        acts, indices = coder.encode(x)  # [B, T, k]
+        z = self.latents(acts.new_zeros(*acts.shape[:-1], coder.num_latents).scatter(-1, indices, acts))
+        out = z @ coder.W_dec + coder.b_dec  # dense decode, [B, T, d]: differentiable in z
+        if coder.W_skip is not None:
+            out = out + x @ coder.W_skip.mT
+        return out.to(hidden_states.dtype)
+
+
+class TCPE(Editor):
+    """TCPE over a transcoder spliced in at an MLP; only `coder.W_dec` rows of S_j change."""
+
+    name = "tcpe"
+    config_class = TCPEConfig
+    supports_batch = False
+
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: TCPEConfig, component: nn.Module | None = None):
+        super().__init__(model, tokenizer, adapter, cfg, component)
+        if component is None or not getattr(component, "is_transcoder", False):
+            raise ValueError("TCPE needs a top-k transcoder as `component` (see TCPE.from_config)")
+        hookpoint = getattr(component, "hookpoint", None)
+        self.layer = _mlp_layer(adapter, hookpoint)
+        self.hookpoint = hookpoint
+        self.coder = component
+        self.coder.requires_grad_(False)
+        self.splice = TranscoderMLP(self.coder)
+        self.latent_site = Site(f"{hookpoint}.latents", "output")
+        self.solver = ValueSolverConfig(
+            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
+            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
+            context_templates=tuple(cfg.context_templates), position=cfg.position,
+            value_site="mlp_output", key_site=None)
+        self.c_inv: Tensor | None = None
+        """(C + ridge)^-1 [n, n] float64 on the model's device, from `prepare`."""
+        self._base_rows: dict[int, Tensor] = {}
+        """Decoder row -> its value in the unedited transcoder, for every row an edit changed."""
+
+    # --- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def build_component(cls, component_cfg: dict[str, Any], model: nn.Module, adapter) -> nn.Module:
+        """The transcoder at `component.hookpoint` (an MLP) from `component.path` (a sparsify folder,
+        or a root of hookpoint folders); with no path on an embedded world, the world's default."""
+        from lightning_edit.sparse import check_width, load_sparse_coder
+
+        hookpoint = component_cfg.get("hookpoint") or "layers.2.mlp"
+        _mlp_layer(adapter, hookpoint)  # an MLP hookpoint, or a clear error
+        path = component_cfg.get("path")
+        device = next(model.parameters()).device
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if path:
+            folder = Path(path) / hookpoint if (Path(path) / hookpoint).is_dir() else Path(path)
+            coder = load_sparse_coder(folder, device=device)
+        else:
+            world = _world_of(model)
+            if world is None:
+                raise ValueError(
+                    f"component.path is not set and model {model_name!r} is not an embedded world: give TCPE "
+                    f"a top-k transcoder trained on {hookpoint!r} (train_transcoder.py hookpoints=[{hookpoint}])")
+            coder = default_transcoder(world, hookpoint, device=device)
+        if not coder.is_transcoder:
+            raise ValueError(f"{getattr(coder, 'source_path', path)}: TCPE needs a transcoder (mode "
+                             "'transcoder', an MLP's input -> output), got an SAE")
+        d_in, d_out = adapter.hookpoint_io_dims(hookpoint)
+        check_width(coder, d_in, hookpoint, f"model {model_name!r}", expected_d_out=d_out)
+        coder.hookpoint = hookpoint
+        return coder
+
+    @classmethod
+    def from_config(cls, cfg: Any, model: nn.Module, tokenizer, adapter) -> "TCPE":
+        """From a job config's `editor` and `component` sections (the engine calls this)."""
+        from lightning_edit.editors.state import editor_config
+
+        params = dict(cfg["editor"])
+        component = cls.build_component(dict(cfg.get("component") or {}), model, adapter)
+        return cls(model, tokenizer, adapter, editor_config(cls.name, params), component)
+
+    # --- statistics -------------------------------------------------------------------------
+
+    def prepare(self, corpus: list[str] | None = None) -> None:
+        """C = E[z z^T] of the unedited transcoder's latents over `corpus` (cached), inverted once."""
+        if not corpus:
+            raise ValueError("TCPE needs a corpus for C = E[z z^T] of the transcoder latents: set data.corpus "
+                             "to a text file, one passage a line")
+        c = second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, self.cfg.mom2_n_samples,
+                          site="coder_latents", coder=self.coder, coder_site="mlp_input",
+                          batch_size=self.cfg.stats_batch_size, dtype=torch.float64)
+        c = c.to(self.device)
+        ridge = self.cfg.mom2_ridge * c.diagonal().mean().clamp_min(1e-12)
+        self.c_inv = torch.linalg.inv(c + ridge * torch.eye(len(c), dtype=c.dtype, device=c.device))
+
+    # --- editing ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def edited(self) -> Iterator[nn.Module]:
+        """The LM with the (edited) transcoder in place of the MLP at `hookpoint`."""
+        with self.adapter.swap(self.hookpoint, self.splice):
+            yield self.model
+
+    def key(self, prompt: str, subject: str | None) -> Tensor:
+        """k*: the transcoder's dense latent code at the key position, [n] float32."""
+        with self.edited():
+            return activations(self.model, self.tokenizer, self.adapter, self.layer, [prompt],
+                               position=self.cfg.position, subjects=[subject], site=self.latent_site)[0]
+
+    def support(self, key: Tensor) -> Tensor:
+        """S_j: the active latents of k* (the `lim` largest by magnitude when capped), sorted [|S|]."""
+        active = key.nonzero().flatten()
+        if self.cfg.lim is not None and len(active) > self.cfg.lim:
+            active = active[key[active].abs().topk(self.cfg.lim).indices]
+        return active.sort().values
+
+    def apply(self, records: list) -> list[LedgerEntry]:
+        if len(records) != 1:
+            raise ValueError(f"TCPE edits one record at a time; got {len(records)} (set data.batch_size=1)")
+        (record,) = records
+        if self.c_inv is None:
+            raise RuntimeError("TCPE: call prepare(corpus) before the first edit (it estimates C = E[z z^T])")
+        start = time.perf_counter()
+        key = self.key(record.prompt, record.subject).to(self.device, torch.float64)  # k*, [n]
+        rows = self.support(key).to(self.device)  # S_j
+        with self.edited():
+            result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
+        residual = result.delta.double()  # v* - (W k* + b): h is the transcoder's output at the key
+        u = self.c_inv @ key  # C^-1 k*, [n]
+        update = torch.outer(u[rows], residual) / (u @ key)  # Delta^T restricted to S_j: [|S|, d] (Eq. 1)
+        w_dec = self.coder.W_dec  # [n, d]: decoder row m = column m of W = W_dec^T
+        with torch.no_grad():
+            for m in rows.tolist():
+                self._base_rows.setdefault(m, w_dec[m].detach().clone())
+            w_dec[rows] += update.to(w_dec.dtype)
+        seconds = time.perf_counter() - start
+        with self.edited():
+            after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
+        entry = LedgerEntry(
+            edit_id=len(self.ledger),
+            case_id=record.case_id,
+            prompt=record.prompt,
+            target=record.target_new,
+            changed={f"{self.hookpoint}.W_dec": rows.tolist()},
+            delta_norm=float(update.norm()),
+            steps=len(result.losses) - 1,
+            seconds=seconds,
+            metrics_before={"target_nll": result.losses[0]["nll"]},
+            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
+                           "value_nll": result.final_nll},
+            extra={"layer": self.layer, "position": result.position, "active": int((key != 0).sum()),
+                   "support": len(rows)},
+        )
+        self.ledger.append(entry)
+        return [entry]
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The changed decoder rows (ids and current values) and the ledger; the transcoder itself is
+        rebuilt from the component config."""
+        rows = sorted(self._base_rows)
+        w_dec = self.coder.W_dec.detach()
+        index = torch.tensor(rows, dtype=torch.long)
+        return {
+            "tensors": {"rows": index, "values": w_dec[index.to(w_dec.device)].clone(),
+                        "base_values": torch.stack([self._base_rows[m] for m in rows]) if rows
+                        else w_dec.new_zeros(0, w_dec.shape[1])},
+            "hookpoint": self.hookpoint,
+            "ledger": self.ledger_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("hookpoint") != self.hookpoint:
+            raise ValueError(f"TCPE edit state is for hookpoint {state.get('hookpoint')!r}; this editor's "
+                             f"transcoder is at {self.hookpoint!r}")
+        tensors = state["tensors"]
+        rows, values = tensors["rows"].long(), tensors["values"]
+        w_dec = self.coder.W_dec
+        if values.shape != (len(rows), w_dec.shape[1]):
+            raise ValueError(f"TCPE edit state: values {tuple(values.shape)} for {len(rows)} rows of width "
+                             f"{w_dec.shape[1]}")
+        base = tensors["base_values"].to(w_dec.device, w_dec.dtype)
+        if not torch.equal(w_dec.detach()[rows.to(w_dec.device)], base):
+            raise ValueError("TCPE edit state: the transcoder's decoder rows differ from those the edits were "
+                             "made on (another transcoder?)")
+        with torch.no_grad():
+            w_dec[rows.to(w_dec.device)] = values.to(w_dec.device, w_dec.dtype)
+        self._base_rows = {int(m): b.clone() for m, b in zip(rows.tolist(), base)}
+        self.load_ledger(state["ledger"])
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _mlp_layer(adapter, hookpoint: str | None) -> int:
+    """The layer whose MLP is `hookpoint`, or a ValueError listing the MLP hookpoints."""
+    for i in range(adapter.num_layers):
+        if adapter.mlp_name(i) == hookpoint:
+            return i
+    names = [adapter.mlp_name(i) for i in range(adapter.num_layers)]
+    raise ValueError(f"component.hookpoint is {hookpoint!r}; a transcoder replaces an MLP: one of {names}")
+
+
+def default_transcoder(world, hookpoint: str, device: torch.device | str | None = None) -> nn.Module:
+    """The world's default transcoder at `hookpoint` (configs/transcoder.yaml's coder), cached in
+    `<world.root>/transcoder/<hookpoint>-k<k>/`; trained there by the transcoder job on first use."""
+    from filelock import FileLock
+
+    from lightning_edit.config import load_config
+    from lightning_edit.jobs import transcoder as transcoder_job
+    from lightning_edit.jobs.sparse import train
+    from lightning_edit.sparse import load_sparse_coder
+
+    base = load_config(transcoder_job.SCHEMA, [], default_config=transcoder_job.DEFAULT_CONFIG)
+    folder = Path(world.root) / "transcoder" / f"{hookpoint}-k{base.coder.k}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / hookpoint / "cfg.json").is_file():
+            _say(f"no transcoder given (component.path): training the default transcoder for {world.root.name} "
+                 f"at {hookpoint} (k={base.coder.k}) into {folder} ...")
+            start = time.perf_counter()
+            overrides = [f"model.name={world.model_dir}", f"data.path={world.corpus_path}", "data.packing=false",
+                         f"hookpoints=[{hookpoint}]", f"export_dir={folder}",
+                         f"output_dir={folder.with_name(folder.name + '.run')}", "logger=csv",
+                         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+            cfg = load_config(transcoder_job.SCHEMA, overrides, default_config=transcoder_job.DEFAULT_CONFIG)
+            if train(cfg, job="transcoder") != 0:
+                raise RuntimeError(f"training the default transcoder into {folder} failed (see above)")
+            _say(f"default transcoder trained in {time.perf_counter() - start:.0f} s")
+        else:
+            _say(f"using the default transcoder in {folder / hookpoint}")
+    return load_sparse_coder(folder / hookpoint, device=device)
+
+
+def _world_of(model: nn.Module):
+    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
+    from lightning_edit.world import World
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    root = Path(name).parent if name else None
+    if root is None or not (root / "world.json").is_file():
+        return None
+    return World.open(root)
+
+
+def _say(message: str) -> None:
+    print(f"[lightning-edit tcpe] {message}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ EDITORS: dict[str, str] = {
     "grace": "lightning_edit.editors.grace:Grace",
     "wise": "lightning_edit.editors.wise:Wise",
     "rome": "lightning_edit.editors.rome:ROME",
+    "tcpe": "lightning_edit.editors.tcpe:TCPE",
 }
 
 

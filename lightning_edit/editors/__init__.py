@@ -13,6 +13,7 @@ EDITORS: dict[str, str] = {
     "wise": "lightning_edit.editors.wise:Wise",
     "rome": "lightning_edit.editors.rome:ROME",
     "tcpe": "lightning_edit.editors.tcpe:TCPE",
+    "memit": "lightning_edit.editors.memit:MEMIT",
 }
 
 

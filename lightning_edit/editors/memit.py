@@ -1,0 +1,202 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"): a batch of edits written into the
+MLP down projections of several layers at once, by least squares against the corpus keys.
+
+For a batch of n edits and edited layers l_1 < ... < l_L (Algorithm 1), with W_l the down projection
+as [d_model, d_ff]:
+    z_i     = the residual stream after l_L at edit i's key position that predicts its target
+              (value solver, Eq. 16-17: `locate.compute_value(..., value_site="layer_output")`)
+    for each layer l_j in order:
+      K     = [d_ff, n] the down projection inputs at the key positions (mean over the contexts)
+      R     = (z - h^{l_L}) / (L - j + 1)        the residual left at l_L, spread over the remaining
+                                                  layers (h^{l_L} recomputed after the earlier layers'
+                                                  updates of this batch)
+      W_l  += R K^T (lambda C_l + K K^T)^-1       (Eq. 14; C_l = E[k k^T] over a corpus, `second_moment`,
+                                                  lambda = mom2_update_weight)
+The solve runs in float64 as the reference code's. A stream applies each batch over the weights the
+earlier batches left; the C_l are the base model's (computed once in `prepare`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.locate import StatsMismatchError, ValueSolverConfig, activations, compute_value, second_moment
+from lightning_edit.metrics import teacher_forced
+
+
+@dataclass
+class MEMITConfig:
+    """MEMIT's hyperparameters; defaults are the paper's GPT-J settings (`hparams/MEMIT/EleutherAI_gpt-j-6B.json`
+    of the reference code). Size-dependent values for the embedded world are in configs/baselines/memit.yaml."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    """The edited layers, in increasing order (GPT-J: 3-8 of 28, the causal-tracing peak, Sec. 4.1);
+    negative counts from the last layer. Size-dependent: set it per model."""
+    position: str = "subject_last"
+    """Key position: "subject_last" (the subject's last token, Sec. 4.3) or "last" (the prompt's)."""
+    mom2_update_weight: float = 15000.0
+    """lambda, the weight of the corpus keys' second moment against the new keys (Eq. 14's C_0 = lambda
+    E[k k^T]). Size-dependent: E[k^T C^-1 k] = d_ff, so keeping lambda / d_ff is keeping the balance."""
+    mom2_n_samples: int | None = 100000
+    """Corpus texts each C_l is estimated from (MEMIT: 100,000 Wikipedia texts); None = all."""
+    stats_batch_size: int = 32
+    """Texts per forward pass while C_l is estimated (speed only; not in the paper)."""
+    v_steps: int = 25
+    """Value-solver steps at most (`v_num_grad_steps`)."""
+    v_lr: float = 0.5
+    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    v_weight_decay: float = 0.5
+    """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
+    v_decay: str = "rome"
+    """Penalty form: "rome" = ||delta|| / ||h||^2 as the reference code, "relative_sq" = ||delta||^2 / ||h||^2."""
+    clamp_norm_factor: float = 0.75
+    """||delta|| <= clamp_norm_factor * ||h||, h the residual stream at l_L (`clamp_norm_factor`)."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term that keeps "{subject} is a" (essence drift)."""
+    nll_threshold: float = 5e-2
+    """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
+    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
+    """Prefixes the keys are averaged over and the value must work in ("{}" = the prompt itself; MEMIT
+    samples short continuations from the model, fixed prefixes keep the edit deterministic)."""
+
+
+class MEMIT(Editor):
+    """MEMIT over `adapter.down_proj(l)` for l in `layers`; weights are edited in place."""
+
+    name = "memit"
+    config_class = MEMITConfig
+    supports_batch = True
+
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MEMITConfig, component: nn.Module | None = None):
+        super().__init__(model, tokenizer, adapter, cfg)
+        n = adapter.num_layers
+        bad = [layer for layer in cfg.layers if not -n <= layer < n]
+        if not cfg.layers or bad:
+            raise ValueError(f"editor.layers is {cfg.layers}; expected a non-empty list of layers of a model "
+                             f"with {n} (0..{n - 1}, or -1..-{n})")
+        self.layers = sorted({layer % n for layer in cfg.layers})
+        self.param_names = [adapter.down_proj_name(layer) + ".weight" for layer in self.layers]
+        """Names of the edited parameters relative to the adapter's base model, one per layer."""
+        self.solver = ValueSolverConfig(
+            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
+            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
+            context_templates=tuple(cfg.context_templates), position=cfg.position,
+            value_site="layer_output", key_site=None)
+        self.second_moments: dict[int, torch.Tensor] = {}
+        """layer -> C_l = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device)."""
+
+    def prepare(self, corpus: list[str] | None = None) -> None:
+        """Estimate every C_l over `corpus` with the unedited model (read from the statistics cache when there)."""
+        if not corpus:
+            raise ValueError("MEMIT needs a corpus for its second-moment statistics: set data.corpus to a "
+                             "text file, one passage a line")
+        for layer in self.layers:
+            c = _second_moment(self.model, self.tokenizer, self.adapter, layer, corpus, self.cfg.mom2_n_samples,
+                               self.cfg.stats_batch_size, self.name)
+            self.second_moments[layer] = c.to(device=self.device, dtype=torch.float64)
+
+    def weight(self, layer: int) -> nn.Parameter:
+        return self.adapter.down_proj(layer).weight
+
+    # --- the update ---------------------------------------------------------------------------
+
+    def _keys(self, layer: int, records: list) -> torch.Tensor:
+        """[d_ff, n]: each record's down projection input at `layer`, averaged over the context templates."""
+        return _keys(self.model, self.tokenizer, self.adapter, layer, records, self.cfg.context_templates,
+                     self.cfg.position).to(self.device)
+
+    def _outputs(self, records: list) -> torch.Tensor:
+        """[d_model, n]: the residual stream after the last edited layer at each record's key position."""
+        last = self.layers[-1]
+        h = activations(self.model, self.tokenizer, self.adapter, last, [r.prompt for r in records],
+                        position=self.cfg.position, subjects=[r.subject for r in records], site="layer_output")
+        return h.T.double().to(self.device)
+
+    def apply(self, records: list) -> list[LedgerEntry]:
+        if not self.second_moments:
+            raise RuntimeError("MEMIT: call prepare(corpus) before the first edit (it estimates C_l = E[k k^T])")
+        start = time.perf_counter()
+        last = self.layers[-1]
+        values = [compute_value(self.model, self.tokenizer, self.adapter, last, r, self.solver) for r in records]
+        targets = torch.stack([v.value for v in values], dim=1).double()   # z, [d_model, n]
+        norms: dict[str, float] = {}
+        changed: dict[str, list[int]] = {}
+        for j, layer in enumerate(self.layers):
+            keys = self._keys(layer, records)                                # K, [d_ff, n]
+            residual = (targets - self._outputs(records)) / (len(self.layers) - j)   # R, [d_model, n]
+            # Delta = R K^T (lambda C + K K^T)^-1, as R (solve(lambda C + K K^T, K))^T  (Eq. 14)
+            gram = self.cfg.mom2_update_weight * self.second_moments[layer] + keys @ keys.T
+            update = residual @ torch.linalg.solve(gram, keys).T            # [d_model, d_ff]
+            with torch.no_grad():
+                w = self.adapter.down_proj_weight(layer)
+                w.add_(update.to(w.dtype))
+            name = self.param_names[j]
+            norms[name] = float(update.norm())
+            changed[name] = (update != 0).any(dim=1).nonzero().flatten().tolist()
+        seconds = time.perf_counter() - start
+        after = teacher_forced(self.model, self.tokenizer, [r.prompt for r in records],
+                               [r.target_new for r in records])
+        entries = []
+        for record, value, score in zip(records, values, after):
+            entry = LedgerEntry(
+                edit_id=len(self.ledger),
+                case_id=record.case_id,
+                prompt=record.prompt,
+                target=record.target_new,
+                changed=changed,
+                delta_norm=sum(x * x for x in norms.values()) ** 0.5,
+                steps=len(value.losses) - 1,
+                seconds=seconds / len(records),
+                metrics_before={"target_nll": value.losses[0]["nll"]},
+                metrics_after={"target_nll": score.nll, "target_argmax": float(score.exact),
+                               "value_nll": value.final_nll},
+                extra={"batch_size": len(records), "layers": self.layers, "delta_norm_per_layer": norms},
+            )
+            self.ledger.append(entry)
+            entries.append(entry)
+        return entries
+
+    # --- edit state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {name: self.weight(layer).detach().clone() for name, layer in zip(self.param_names, self.layers)}
+        return {"tensors": tensors, "ledger": self.ledger_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tensors = state["tensors"]
+        if set(tensors) != set(self.param_names):
+            raise ValueError(f"MEMIT edit state holds {sorted(tensors)}; this editor edits {self.param_names}")
+        with torch.no_grad():
+            for name, layer in zip(self.param_names, self.layers):
+                self.weight(layer).copy_(tensors[name])
+        self.load_ledger(state["ledger"])
+
+
+def _keys(model: nn.Module, tok, adapter, layer: int, records: list, templates: list[str],
+          position: str) -> torch.Tensor:
+    """[d_ff, n] float64: each record's down projection input at `layer` at its key position, averaged
+    over the context templates (MEMIT's compute_ks)."""
+    texts = [t.replace("{}", r.prompt, 1) for r in records for t in templates]
+    subjects = [r.subject for r in records for _ in templates]
+    k = activations(model, tok, adapter, layer, texts, position=position, subjects=subjects, site="down_proj_input")
+    return k.view(len(records), len(templates), -1).mean(1).T.double()
+
+
+def _second_moment(model: nn.Module, tok, adapter, layer: int, corpus: list[str], n_samples: int | None,
+                   batch_size: int, method: str) -> torch.Tensor:
+    """E[k k^T] of the down projection's inputs at `layer`, from the statistics cache when it holds them
+    for these weights; a cached file made for other weights (e.g. a rebuilt model) is recomputed over,
+    since this model is the one being edited."""
+    kwargs = dict(site="down_proj_input", batch_size=batch_size)
+    try:
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, **kwargs)
+    except StatsMismatchError as err:
+        print(f"[{method}] {err.args[0].split(';')[0]}: recomputing", file=sys.stderr)
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, recompute=True, **kwargs)

@@ -247,20 +247,24 @@ class StreamedStepBatches(IterableDataset):
             ds = self.dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_docs)
             ds.set_epoch(epoch)
             docs: list[str] = []
-            got_any = False
+            rows = 0
             for record in ds:
                 docs.append(str(record[self.text_field]))
                 if len(docs) == 256:
-                    yield from self._tokenize(docs)
-                    got_any, docs = True, []
-            if docs:
-                yield from self._tokenize(docs)
-                got_any = True
-            if not got_any:
-                raise ValueError("the streamed dataset is empty")
+                    for row in self._tokenize(docs):
+                        rows += 1
+                        yield row
+                    docs = []
+            for row in self._tokenize(docs):
+                rows += 1
+                yield row
+            if rows == 0:
+                raise ValueError("the streamed dataset gives no rows (empty, or too short to pack one row)")
             epoch += 1
 
     def _tokenize(self, docs: list[str]) -> Iterator[tuple[torch.Tensor, int]]:
+        if not docs:
+            return
         try:
             ids, lengths = tokenize_rows(docs, self.tokenizer, self.context_length, self.packing)
         except ValueError:  # too few tokens in this group to fill a packed row

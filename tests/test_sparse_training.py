@@ -264,3 +264,28 @@ def test_streamed_dataset_follows_the_same_step_schedule(small_world, tmp_path):
     assert torch.equal(run[1]["input_ids"], resumed[0]["input_ids"])
     other_rank = list(dm.train_dataset(rank=0, world_size=2, start=3, stop=4))
     assert not torch.equal(other_rank[0]["input_ids"], run[0]["input_ids"])
+
+
+def test_wandb_is_offline_without_a_key_and_ranks_share_the_run_folder(tmp_path, monkeypatch):
+    from lightning_edit.loggers import RUN_DIR_ENV, resolve_output_dir, wandb_mode
+
+    (tmp_path / "netrc").write_text("machine example.com login x password y\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode(None) == "online" and wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(None) == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password secret\n")
+    assert wandb_mode(None) == "online"
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    parent = resolve_output_dir(None, "sae", root=tmp_path / "runs")
+    assert parent.parent == tmp_path / "runs" / "sae"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started by Lightning's launcher
+    assert resolve_output_dir(None, "sae", root=tmp_path / "runs").resolve() == parent.resolve()

@@ -14,6 +14,7 @@ EDITORS: dict[str, str] = {
     "rome": "lightning_edit.editors.rome:ROME",
     "tcpe": "lightning_edit.editors.tcpe:TCPE",
     "memit": "lightning_edit.editors.memit:MEMIT",
+    "alphaedit": "lightning_edit.editors.alphaedit:AlphaEdit",
 }
 
 

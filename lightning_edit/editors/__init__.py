@@ -9,6 +9,8 @@ from lightning_edit.editors.base import Editor, LedgerEntry
 EDITORS: dict[str, str] = {
     "microedit": "lightning_edit.editors.microedit:MicroEdit",
     "ft": "lightning_edit.editors.ft:FineTune",
+    "ment": "lightning_edit.editors.ment:MENT",
+    "fine": "lightning_edit.editors.fine:FiNE",
     "grace": "lightning_edit.editors.grace:Grace",
     "wise": "lightning_edit.editors.wise:Wise",
     "rome": "lightning_edit.editors.rome:ROME",

@@ -7,7 +7,6 @@ edit job (and its key cache travels with the edit state).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ MLP down projections of several layers at once, by least squares against the cor
 For a batch of n edits and edited layers l_1 < ... < l_L (Algorithm 1), with W_l the down projection
 as [d_model, d_ff]:
     z_i     = the residual stream after l_L at edit i's key position that predicts its target
-              (value solver, Eq. 16-17: `locate.compute_value(..., value_site="layer_output")`)
+              (value solver, Eq. 16: `locate.compute_value(..., value_site="layer_output")`)
     for each layer l_j in order:
       K     = [d_ff, n] the down projection inputs at the key positions (mean over the contexts)
       R     = (z - h^{l_L}) / (L - j + 1)        the residual left at l_L, spread over the remaining

@@ -123,7 +123,9 @@ def virtual_distribution(probs: Tensor, target: int, mode: str = "alg1") -> Tens
     tokens below it are untouched. "switch": target and argmax swap values. "onehot": e_t.
     """
     if mode == "onehot":
-        return torch.nn.functional.one_hot(torch.tensor(target), probs.shape[-1]).to(probs.dtype)
+        out = torch.zeros_like(probs)
+        out[target] = 1
+        return out
     out = probs.clone()
     above = (probs > probs[target]).nonzero().flatten()
     if len(above) == 0:

@@ -47,6 +47,10 @@ class TCPEConfig:
 
     lim: int | None = None
     """Keep only the `lim` largest active latents of k* in S_j (the poster's optional cap); None = all."""
+    lim_rescale: bool = True
+    """When `lim` drops active latents, divide by u_S . k*_S instead of u . k* (u = C^-1 k*), so W' k* = v*
+    still holds. The poster does not say; without it a cap leaves the edit short (0/30 edits flipped
+    at lim 8 on toyworld)."""
     position: str = "subject_last"
     """Key position: the subject's last token (ROME Sec. 3.1, TCPE), or "last" (the prompt's)."""
     mom2_n_samples: int | None = 100000
@@ -54,6 +58,8 @@ class TCPEConfig:
     mom2_ridge: float = 1e-6
     """C + mom2_ridge * mean(diag C) * I before inverting: a top-k code leaves latents that never fire
     on the corpus with zero rows in C. Not in the paper (ROME's dense keys need none)."""
+    stats_dir: str | None = None
+    """Root of the statistics cache; None = the shared default (`locate.StatsCache`)."""
     stats_batch_size: int = 32
     """Texts per forward pass while C is estimated (speed only)."""
     v_steps: int = 20
@@ -174,7 +180,7 @@ class TCPE(Editor):
                              "to a text file, one passage a line")
         c = second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, self.cfg.mom2_n_samples,
                           site="coder_latents", coder=self.coder, coder_site="mlp_input",
-                          batch_size=self.cfg.stats_batch_size, dtype=torch.float64)
+                          batch_size=self.cfg.stats_batch_size, cache=self.cfg.stats_dir, dtype=torch.float64)
         c = c.to(self.device)
         ridge = self.cfg.mom2_ridge * c.diagonal().mean().clamp_min(1e-12)
         self.c_inv = torch.linalg.inv(c + ridge * torch.eye(len(c), dtype=c.dtype, device=c.device))
@@ -213,7 +219,8 @@ class TCPE(Editor):
             result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
         residual = result.delta.double()  # v* - (W k* + b): h is the transcoder's output at the key
         u = self.c_inv @ key  # C^-1 k*, [n]
-        update = torch.outer(u[rows], residual) / (u @ key)  # Delta^T restricted to S_j: [|S|, d] (Eq. 1)
+        denominator = u[rows] @ key[rows] if self.cfg.lim_rescale else u @ key  # equal without a cap
+        update = torch.outer(u[rows], residual) / denominator  # Delta^T restricted to S_j: [|S|, d] (Eq. 1)
         w_dec = self.coder.W_dec  # [n, d]: decoder row m = column m of W = W_dec^T
         with torch.no_grad():
             for m in rows.tolist():

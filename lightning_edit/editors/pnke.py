@@ -1,0 +1,520 @@
+"""PNKE (Precise Neuron-Level Knowledge Editing, seeds/003): causal neurons from activation and
+Integrated Gradients, an entropy-guided critical subset, and an update of only those neurons' output
+weights.
+
+Neurons are the FFN hidden neurons of one layer (`site: ffn`: the down projection's input, output
+weights = the down projection's columns) or the latents of a top-k transcoder spliced in for that
+layer's MLP (`site: transcoder`: output weights = the transcoder's decoder rows). For one edit:
+    P_sem     the prompt, its paraphrases, then the relation's templates with the subject (m = 10)
+    N_bg      mean |act| over P_sem > its 75th percentile over the layer, and std < the 25th (Eq. 2)
+    N_trig    |act| on P_spec > 90th percentile and |IG| > 90th percentile (Eq. 3); IG with a zero
+              baseline and 20 steps on log P(answer), `locate.integrated_gradients`
+    N_causal  N_bg | N_trig (Eq. 4)
+    s         0.5 minmax(|act|) + 0.5 minmax(|IG|) over N_causal (Eq. 5)
+    q         clip(85 + 10 (log|N_causal| - H(s / sum s)), 0, 100); tau = percentile(s, q);
+              N_critical = {s > tau} (Eq. 6-7, Alg. 4)
+    update    Eq. 10 (`update: ridge`): with V1 = ROME's value at the key position
+              (`locate.compute_value`) and h1, h0 the critical activations on the edit and on preserve
+              samples (the record's locality prompts and a corpus sample), the closed form of
+              min_D ||D h1 - (V1 - W h1)||^2 + lambda mean_h0 ||D h0||^2 on the critical columns;
+              or Eq. 9 (`update: gradient`): Adam on the output weights with the gradient masked to
+              the critical columns, loss = target NLL + the same preservation term.
+Activations of a gated FFN's hidden neurons take either sign, so "high activation" compares
+magnitudes (the paper's thresholds assume non-negative activations); the std test uses the signed
+activations. Everything outside the critical columns stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.locate import (
+    Site,
+    ValueSolverConfig,
+    activations,
+    compute_value,
+    integrated_gradients,
+    second_moment,
+)
+from lightning_edit.metrics import target_positions, teacher_forced
+
+SITES = ("ffn", "transcoder")
+UPDATES = ("ridge", "gradient")
+
+
+@dataclass
+class PNKEConfig:
+    """PNKE's hyperparameters: the paper's (App. B, Alg. 4) where it gives them; ROME's for the value
+    solver. Size-dependent values for the embedded world are in configs/pnke.yaml."""
+
+    layer: int = 5
+    """The edited layer (negative counts from the last). The paper does not name it; 5 is ROME's and
+    AlphaEdit's Llama-3-8B choice. Size-dependent."""
+    site: str = "ffn"
+    """"ffn": the FFN hidden neurons; "transcoder": the latents of a transcoder spliced in for the
+    layer's MLP (`component.path`, its hookpoint the layer's MLP)."""
+    position: str = "subject_last"
+    """Token where activations, attributions and the value are taken: "subject_last" (ROME's key
+    position, the paper's Eq. 10 "ROME-like") or "last" (the prompt's)."""
+    m_sem: int = 10
+    """|P_sem|, semantically similar prompts (App. B.1: m = 10)."""
+    bg_act_percentile: float = 75.0
+    """theta_bg_act: percentile of the layer's mean activations over P_sem (App. B.2)."""
+    bg_std_percentile: float = 25.0
+    """epsilon_stable: percentile of the layer's activation stds over P_sem (App. B.2)."""
+    trig_act_percentile: float = 90.0
+    """theta_trig_act: percentile of the layer's activations on P_spec (App. B.3.3)."""
+    attr_percentile: float = 90.0
+    """theta_attr: percentile of the layer's IG attributions (App. B.3.3)."""
+    ig_steps: int = 20
+    """Integrated Gradients path points (zero baseline, App. B.3.2)."""
+    attribution_target: str = "ground_truth"
+    """Whose log-probability IG attributes: "ground_truth" (the fact being replaced; falls back to
+    the new target when a record has none) or "target_new". The paper says "K_target"."""
+    alpha: float = 0.5
+    """Balance of activation and attribution in the importance score (Eq. 5, App. B.4.1)."""
+    q_base: float = 85.0
+    """Base percentile of the entropy threshold (Eq. 6, App. B.4.2)."""
+    gamma: float = 10.0
+    """Entropy adjustment factor (Eq. 6, App. B.4.2)."""
+    update: str = "ridge"
+    """"ridge": Eq. 10's closed form (the paper's main strategy, App. B.6.3); "gradient": Eq. 9."""
+    preserve_weight: float = 1.0
+    """lambda of Eq. 1 / 10 on the mean squared change of preserved outputs. Not given in the paper."""
+    preserve_locality: bool = True
+    """Use the record's locality prompts (every token) as preserve samples (METHODS.md). They are the
+    prompts Loc is scored on: False keeps the evaluation blind."""
+    preserve_corpus_samples: int | None = 1000
+    """Corpus texts whose every token is a preserve sample ("a small sample of the reference corpus";
+    their second moment is cached); None = all, 0 = none."""
+    edits_weight: float = 0.0
+    """Weight of the earlier edits as retained knowledge in Eq. 10 (ridge update): each earlier edit's
+    key h1' must keep mapping to its value V1'. 0 = off, as in the paper, whose retained set is
+    unedited knowledge only; > 0 keeps a stream's edits from overwriting each other on shared neurons."""
+    ridge: float = 1e-6
+    """Tikhonov term (times the mean diagonal) keeping the Eq. 10 solve well posed. Not in the paper."""
+    lr: float = 5e-3
+    """Adam learning rate of the gradient variant (Eq. 9). Not given in the paper."""
+    max_steps: int = 100
+    """Adam steps at most per edit (gradient variant)."""
+    stop_nll: float = 5e-2
+    """The gradient variant stops once the target NLL is below this (and every target token is the argmax)."""
+    stats_dir: str | None = None
+    """Root of the statistics cache; None = the shared default (`locate.StatsCache`)."""
+    stats_batch_size: int = 32
+    """Texts per forward pass for the corpus statistics (speed only)."""
+    v_steps: int = 20
+    """Value-solver steps at most (ROME `v_num_grad_steps`)."""
+    v_lr: float = 0.5
+    """Value-solver Adam learning rate (ROME `v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    v_weight_decay: float = 0.5
+    """Norm penalty on the value delta (ROME `v_weight_decay`)."""
+    v_decay: str = "rome"
+    """Penalty form: "rome" = ||delta|| / ||h||^2, "relative_sq" = ||delta||^2 / ||h||^2."""
+    clamp_norm_factor: float = 4.0
+    """||delta|| <= clamp_norm_factor * ||h|| (ROME)."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term keeping "{subject} is a" (ROME)."""
+    nll_threshold: float = 5e-2
+    """The value solver stops once the target NLL is below this (ROME's code)."""
+    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
+    """Prefixes the value must work in ("{}" = the prompt); the embedded worlds need ["{}"]."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("site", SITES), ("update", UPDATES),
+                              ("attribution_target", ("ground_truth", "target_new")),
+                              ("position", ("subject_last", "last"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"editor.{name} is {getattr(self, name)!r} (expected one of {', '.join(allowed)})")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"editor.alpha is {self.alpha} (expected a number in [0, 1])")
+        if self.m_sem < 1 or self.ig_steps < 1:
+            raise ValueError("editor.m_sem and editor.ig_steps must be >= 1")
+
+
+def entropy_threshold(scores: Tensor, q_base: float = 85.0, gamma: float = 10.0) -> tuple[Tensor, float, float, float]:
+    """Alg. 4 on importance scores s [n] >= 0: (mask of s > tau, tau, q, H).
+
+    p = s / sum s, H = -sum p log p (0 log 0 = 0), q = clip(q_base + gamma (log n - H), 0, 100),
+    tau = the q-th percentile of s (linear interpolation, as numpy). Lower entropy -> higher q -> fewer
+    neurons. When no score exceeds tau (q = 100, or all scores equal) the highest-scoring neurons are
+    kept, so an edit never has an empty critical set.
+    """
+    s = scores.double().clamp_min(0)
+    n = s.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool), 0.0, 100.0, 0.0
+    p = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1.0 / n)
+    entropy = float(-(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum())
+    q = min(100.0, max(0.0, q_base + gamma * (math.log(n) - entropy)))
+    tau = float(torch.quantile(s, q / 100.0))
+    mask = s > tau
+    if not mask.any():
+        mask = s >= s.max()
+    return mask, tau, q, entropy
+
+
+def _minmax(x: Tensor) -> Tensor:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.ones_like(x)
+
+
+class _TranscoderMLP(nn.Module):
+    """A transcoder with an MLP's call signature; its dense latent code passes through the identity
+    `latents`, the site attribution reads and replaces."""
+
+    def __init__(self, coder: nn.Module):
+        super().__init__()
+        self.coder = coder
+        self.latents = nn.Identity()
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        coder = self.coder
+        x = hidden_states.to(coder.dtype)
+        acts, indices = coder.encode(x)
+        z = self.latents(acts.new_zeros(*acts.shape[:-1], coder.num_latents).scatter(-1, indices, acts))
+        out = z @ coder.W_dec + coder.b_dec
+        if coder.W_skip is not None:
+            out = out + x @ coder.W_skip.mT
+        return out.to(hidden_states.dtype)
+
+
+class PNKE(Editor):
+    """PNKE at one layer: only the output weights of each edit's critical neurons change."""
+
+    name = "pnke"
+    config_class = PNKEConfig
+    supports_batch = False
+
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: PNKEConfig, component: nn.Module | None = None):
+        super().__init__(model, tokenizer, adapter, cfg, component)
+        n = adapter.num_layers
+        if not -n <= cfg.layer < n:
+            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        self.layer = cfg.layer % n
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.coder = None
+        self.splice = None
+        if cfg.site == "transcoder":
+            hookpoint = getattr(component, "hookpoint", None) or adapter.mlp_name(self.layer)
+            if component is None or not getattr(component, "is_transcoder", False):
+                raise ValueError("PNKE with editor.site=transcoder needs a top-k transcoder as `component`")
+            if hookpoint != adapter.mlp_name(self.layer):
+                raise ValueError(f"component.hookpoint is {hookpoint!r} but editor.layer {cfg.layer} is the MLP "
+                                 f"{adapter.mlp_name(self.layer)!r}: the transcoder must replace that MLP")
+            self.coder = component
+            self.coder.requires_grad_(False)
+            self.splice = _TranscoderMLP(self.coder)
+            self.site: Any = Site(f"{adapter.mlp_name(self.layer)}.latents", "output")
+            self.param_name = f"{adapter.mlp_name(self.layer)}.W_dec"
+        else:
+            self.site = "down_proj_input"
+            self.param_name = adapter.down_proj_name(self.layer) + ".weight"
+        self.solver = ValueSolverConfig(
+            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
+            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
+            context_templates=tuple(cfg.context_templates), position=cfg.position,
+            value_site="mlp_output", key_site=None)
+        self.relation_templates: dict[str, list[str]] = {}
+        """Relation id -> cloze templates with "{subject}", to fill P_sem up (from_config sets the world's)."""
+        self.corpus_moment: Tensor | None = None
+        """E[h h^T] [n, n] of the neurons over the corpus sample (float64), from `prepare`."""
+        self._base_cols: dict[int, Tensor] = {}
+        """Neuron -> its output-weight column [d] in the unedited model, for every neuron an edit changed."""
+        self._edit_keys: list[Tensor] = []
+        self._edit_values: list[Tensor] = []
+        """Every ridge edit's key h1 [n] and value V1 [d] (float64), the retained edits of `edits_weight`."""
+
+    # --- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Any, model: nn.Module, tokenizer, adapter) -> "PNKE":
+        """From a job config (`editor`, `component`); the engine calls this. On an embedded world the
+        relation templates of its knowledge base fill P_sem up."""
+        from lightning_edit.editors.state import editor_config
+
+        config = editor_config(cls.name, dict(cfg["editor"]))
+        component = None
+        if config.site == "transcoder":
+            component = cls.load_transcoder(dict(cfg.get("component") or {}), model, adapter, config)
+        editor = cls(model, tokenizer, adapter, config, component)
+        world = _world_of(model)
+        if world is not None:
+            editor.relation_templates = {r.name: list(r.templates) for r in world.kb.relations}
+        return editor
+
+    @staticmethod
+    def load_transcoder(component_cfg: dict[str, Any], model: nn.Module, adapter, config: PNKEConfig) -> nn.Module:
+        """The transcoder for the edited layer's MLP from `component.path` (a sparsify folder or a root
+        of hookpoint folders)."""
+        from lightning_edit.sparse import check_width, load_sparse_coder
+
+        hookpoint = adapter.mlp_name(config.layer % adapter.num_layers)
+        path = component_cfg.get("path")
+        if not path:
+            raise ValueError(f"editor.site=transcoder: set component.path to a transcoder trained on {hookpoint!r} "
+                             f"(train_transcoder.py hookpoints=[{hookpoint}]; TCPE caches the embedded world's "
+                             "default under <world>/transcoder/)")
+        folder = Path(path) / hookpoint if (Path(path) / hookpoint).is_dir() else Path(path)
+        coder = load_sparse_coder(folder, device=next(model.parameters()).device)
+        if not coder.is_transcoder:
+            raise ValueError(f"{folder}: editor.site=transcoder needs a transcoder, got an SAE")
+        d_in, d_out = adapter.hookpoint_io_dims(hookpoint)
+        check_width(coder, d_in, hookpoint, "the model", expected_d_out=d_out)
+        coder.hookpoint = hookpoint
+        return coder
+
+    # --- the edited model and its neurons ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def edited(self) -> Iterator[nn.Module]:
+        """The model as edited (weights in place; the transcoder spliced in for site=transcoder)."""
+        if self.splice is None:
+            yield self.model
+        else:
+            with self.adapter.swap(self.adapter.mlp_name(self.layer), self.splice):
+                yield self.model
+
+    def _param(self) -> nn.Parameter:
+        return self.coder.W_dec if self.coder is not None else self.adapter.down_proj(self.layer).weight
+
+    def out_weight(self) -> Tensor:
+        """The neurons' output weights as [d_model, n] (neuron m = column m), aliasing the parameter."""
+        return self.coder.W_dec.T if self.coder is not None else self.adapter.down_proj_weight(self.layer)
+
+    def _acts(self, prompts: list[str], subjects: list[str | None], position: str | None = None) -> Tensor:
+        with self.edited():
+            return activations(self.model, self.tokenizer, self.adapter, self.layer, prompts,
+                               position=position or self.cfg.position, subjects=subjects, site=self.site)
+
+    def prepare(self, corpus: list[str] | None = None) -> None:
+        """E[h h^T] of the neurons over the corpus sample (cached): the corpus part of the preserve term."""
+        n = self.cfg.preserve_corpus_samples
+        if n == 0 or (self.cfg.update == "ridge" and self.cfg.preserve_weight == 0):
+            return
+        if not corpus:
+            raise ValueError("PNKE's preserve term needs a corpus sample (editor.preserve_corpus_samples > 0): set "
+                             "data.corpus to a text file, one passage a line, or preserve_corpus_samples=0")
+        site = dict(site="coder_latents", coder=self.coder, coder_site="mlp_input") if self.coder is not None \
+            else dict(site="down_proj_input")
+        c = second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, n, **site,
+                          batch_size=self.cfg.stats_batch_size, cache=self.cfg.stats_dir, dtype=torch.float64)
+        self.corpus_moment = c.to(self.device)
+
+    def semantic_prompts(self, record) -> list[str]:
+        """P_sem: the prompt, its paraphrases, then the relation's templates with the subject; at most m_sem."""
+        prompts = [record.prompt, *record.rephrase_prompts]
+        relation = (record.extra or {}).get("relation_id")
+        if record.subject and relation in self.relation_templates:
+            prompts += [t.format(subject=record.subject) for t in self.relation_templates[relation]]
+        return list(dict.fromkeys(prompts))[:self.cfg.m_sem]
+
+    def locate(self, record) -> dict[str, Any]:
+        """N_bg, N_trig, N_causal, the scores and N_critical for one record (Eq. 2-7)."""
+        cfg = self.cfg
+        sem = self.semantic_prompts(record)
+        a_sem = self._acts(sem, [record.subject] * len(sem))  # [m, n]
+        mean_abs = a_sem.mean(0).abs()
+        std = a_sem.std(0, unbiased=False)  # [n]; all 0 for a single prompt (then N_bg is empty)
+        n_bg = (mean_abs > torch.quantile(mean_abs, cfg.bg_act_percentile / 100)) & \
+               (std < torch.quantile(std, cfg.bg_std_percentile / 100))  # Eq. 2
+        act = a_sem[0].abs()  # |Act(n, P_spec)|: P_sem's first prompt is the edit prompt
+        answer = record.ground_truth if cfg.attribution_target == "ground_truth" and record.ground_truth \
+            else record.target_new
+        with self.edited():
+            attr = integrated_gradients(self.model, self.tokenizer, self.adapter, self.layer, record.prompt, answer,
+                                        steps=cfg.ig_steps, site=self.site, position=cfg.position,
+                                        subject=record.subject, objective="logprob").cpu().abs()
+        strong = act > torch.quantile(act, cfg.trig_act_percentile / 100)
+        n_trig = strong & (attr > torch.quantile(attr, cfg.attr_percentile / 100))  # Eq. 3
+        causal = n_bg | n_trig  # Eq. 4
+        if not causal.any():  # nothing passes both tests: fall back on the strongly active neurons
+            causal = strong if strong.any() else act >= act.max()
+        ids = causal.nonzero().flatten()
+        scores = cfg.alpha * _minmax(act[ids]) + (1 - cfg.alpha) * _minmax(attr[ids])  # Eq. 5
+        mask, tau, q, entropy = entropy_threshold(scores, cfg.q_base, cfg.gamma)  # Eq. 6-7
+        return {"bg": n_bg.nonzero().flatten(), "trig": n_trig.nonzero().flatten(), "causal": ids,
+                "scores": scores, "critical": ids[mask], "tau": tau, "q": q, "entropy": entropy,
+                "p_sem": len(sem)}
+
+    def _preserve_moment(self, record, neurons: Tensor) -> Tensor:
+        """mean h0 h0^T over the preserve samples, restricted to `neurons`: [c, c] float64."""
+        c = len(neurons)
+        moment = torch.zeros(c, c, dtype=torch.float64, device=self.device)
+        if self.corpus_moment is not None:
+            moment += self.corpus_moment[neurons][:, neurons]
+        prompts = [pair.prompt for pair in record.locality] if self.cfg.preserve_locality else []
+        if prompts:
+            rows = self._acts(prompts, [None] * len(prompts), position="all")
+            h0 = torch.cat([r[1:] if len(r) > 1 else r for r in rows])[:, neurons.cpu()]  # BOS left out
+            h0 = h0.to(self.device, torch.float64)
+            moment += h0.T @ h0 / len(h0)
+        return moment
+
+    # --- editing ----------------------------------------------------------------------------
+
+    def apply(self, records: list) -> list[LedgerEntry]:
+        if len(records) != 1:
+            raise ValueError(f"PNKE edits one record at a time; got {len(records)} (set data.batch_size=1)")
+        (record,) = records
+        start = time.perf_counter()
+        found = self.locate(record)
+        neurons = found["critical"].to(self.device)
+        preserve = self._preserve_moment(record, neurons)
+        w = self.out_weight()
+        before = w[:, neurons].detach().clone()
+        with torch.no_grad():
+            for m, col in zip(neurons.tolist(), before.T):
+                self._base_cols.setdefault(m, col.clone())
+        if self.cfg.update == "ridge":
+            steps, value_nll = self._ridge_update(record, neurons, preserve)
+        else:
+            steps, value_nll = self._gradient_update(record, neurons, preserve), None
+        delta = w[:, neurons].detach() - before
+        seconds = time.perf_counter() - start
+        with self.edited():
+            after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
+        entry = LedgerEntry(
+            edit_id=len(self.ledger),
+            case_id=record.case_id,
+            prompt=record.prompt,
+            target=record.target_new,
+            changed={self.param_name: neurons.tolist()},
+            delta_norm=float(delta.norm()),
+            steps=steps,
+            seconds=seconds,
+            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
+                           **({"value_nll": value_nll} if value_nll is not None else {})},
+            extra={"layer": self.layer, "n_bg": len(found["bg"]), "n_trig": len(found["trig"]),
+                   "n_causal": len(found["causal"]), "n_critical": len(neurons), "entropy": found["entropy"],
+                   "q": found["q"], "p_sem": found["p_sem"], "update": self.cfg.update},
+        )
+        self.ledger.append(entry)
+        return [entry]
+
+    def _ridge_update(self, record, neurons: Tensor, preserve: Tensor) -> tuple[int, float]:
+        """Eq. 10 on the critical columns: D = r h1^T (h1 h1^T + lambda P + eps I)^-1, r = V1 - W h1 (plus,
+        with `edits_weight`, the earlier edits' keys and values in both factors)."""
+        with self.edited():
+            result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
+            h = self._acts([record.prompt], [record.subject])[0]
+        h_full = h.to(self.device, torch.float64)  # [n]
+        h1 = h_full[neurons]  # [c]
+        residual = result.delta.double()  # V1' - W h1: the change the MLP output needs at the key, [d]
+        a = torch.outer(h1, h1) + self.cfg.preserve_weight * preserve  # [c, c]
+        b = torch.outer(residual, h1)  # [d, c]
+        target = self.out_weight().detach().double() @ h_full + residual  # what W h1 should become, [d]
+        if self.cfg.edits_weight > 0 and self._edit_keys:
+            keys = torch.stack(self._edit_keys)  # [t, n]: earlier edits' keys, and what they must still give
+            w = self.out_weight().detach().double()
+            kept = torch.stack(self._edit_values) - keys @ w.T  # [t, d]: V1' - W h1' now (0 while kept)
+            a = a + self.cfg.edits_weight * keys[:, neurons].T @ keys[:, neurons]
+            b = b + self.cfg.edits_weight * kept.T @ keys[:, neurons]
+        eps = self.cfg.ridge * a.diagonal().mean().clamp_min(1e-12)
+        a = a + eps * torch.eye(len(h1), dtype=a.dtype, device=a.device)
+        d = torch.linalg.solve(a, b.T).T  # D = B A^-1 (A symmetric): Eq. 10's normal equations, [d, c]
+        with torch.no_grad():
+            w = self.out_weight()
+            w[:, neurons] += d.to(w.dtype)
+        if self.cfg.edits_weight > 0:
+            self._edit_keys.append(h_full)
+            self._edit_values.append(target)
+        return len(result.losses) - 1, result.final_nll
+
+    def _gradient_update(self, record, neurons: Tensor, preserve: Tensor) -> int:
+        """Eq. 9: Adam on the output weights, gradient masked to the critical columns; loss = target NLL
+        (teacher forced) + lambda mean_h0 ||D h0||^2."""
+        param = self._param()
+        transposed = self.out_weight().stride() != param.stride()  # the [d_model, n] view is param.T
+        mask = torch.zeros_like(param)
+        (mask.T if transposed else mask)[:, neurons] = 1.0
+        base = self.out_weight()[:, neurons].detach().clone()
+        ids, start = target_positions(self.tokenizer, record.prompt, record.target_new)
+        ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        targets = ids_t[0, start:]
+        optimizer = torch.optim.Adam([param], lr=self.cfg.lr)
+        steps = 0
+        param.requires_grad_(True)
+        try:
+            with self.edited() as model:
+                was_training = model.training
+                model.eval()
+                while True:
+                    logits = model(input_ids=ids_t, use_cache=False).logits[0, start - 1:-1].float()
+                    nll = nn.functional.cross_entropy(logits, targets)
+                    done = nll.item() < self.cfg.stop_nll and bool((logits.argmax(-1) == targets).all())
+                    if done or steps >= self.cfg.max_steps:
+                        break
+                    d = (self.out_weight()[:, neurons] - base).double()  # taken after requires_grad: tracked
+                    keep = (d @ preserve * d).sum()  # tr(D P D^T) = mean_h0 ||D h0||^2
+                    loss = nll + self.cfg.preserve_weight * keep.float()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    param.grad.mul_(mask)  # Eq. 9: Delta = Delta * M (Adam keeps masked entries at 0)
+                    optimizer.step()
+                    steps += 1
+                model.train(was_training)
+        finally:
+            param.requires_grad_(False)
+            param.grad = None
+        return steps
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The changed neurons' output columns (ids, current and base values) and the ledger."""
+        cols = sorted(self._base_cols)
+        w = self.out_weight().detach()
+        index = torch.tensor(cols, dtype=torch.long)
+        empty = w.new_zeros(0, w.shape[0])
+        return {
+            "tensors": {"neurons": index, "values": w[:, index.to(w.device)].T.clone() if cols else empty,
+                        "base_values": torch.stack([self._base_cols[m] for m in cols]) if cols else empty},
+            "edit_keys": torch.stack(self._edit_keys).cpu() if self._edit_keys else None,
+            "edit_values": torch.stack(self._edit_values).cpu() if self._edit_values else None,
+            "param": self.param_name,
+            "ledger": self.ledger_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("param") != self.param_name:
+            raise ValueError(f"PNKE edit state edits {state.get('param')!r}; this editor edits {self.param_name!r}")
+        tensors = state["tensors"]
+        neurons = tensors["neurons"].long()
+        w = self.out_weight()
+        values = tensors["values"].to(w.device, w.dtype)
+        base = tensors["base_values"].to(w.device, w.dtype)
+        if values.shape != (len(neurons), w.shape[0]):
+            raise ValueError(f"PNKE edit state: values {tuple(values.shape)} for {len(neurons)} neurons of "
+                             f"width {w.shape[0]}")
+        idx = neurons.to(w.device)
+        if not torch.equal(w.detach()[:, idx].T, base):
+            raise ValueError(f"PNKE edit state: {self.param_name} differs from the weights the edits were made on")
+        with torch.no_grad():
+            w[:, idx] = values.T
+        self._base_cols = {int(m): b.clone() for m, b in zip(neurons.tolist(), base)}
+        keys, values = state.get("edit_keys"), state.get("edit_values")
+        self._edit_keys = [k.to(self.device, torch.float64) for k in keys] if keys is not None else []
+        self._edit_values = [v.to(self.device, torch.float64) for v in values] if values is not None else []
+        self.load_ledger(state["ledger"])
+
+
+def _world_of(model: nn.Module):
+    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
+    from lightning_edit.world import World
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    root = Path(name).parent if name else None
+    if root is None or not (root / "world.json").is_file():
+        return None
+    return World.open(root)

@@ -15,6 +15,7 @@ EDITORS: dict[str, str] = {
     "wise": "lightning_edit.editors.wise:Wise",
     "rome": "lightning_edit.editors.rome:ROME",
     "tcpe": "lightning_edit.editors.tcpe:TCPE",
+    "pnke": "lightning_edit.editors.pnke:PNKE",
     "memit": "lightning_edit.editors.memit:MEMIT",
     "alphaedit": "lightning_edit.editors.alphaedit:AlphaEdit",
 }

@@ -36,7 +36,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -127,6 +127,9 @@ class MicroEditConfig:
     """Reference-corpus lines used for alpha="auto" and tau="calibrate". Not in the paper."""
     exclude_special_tokens: bool = True
     """Keep special tokens (BOS) out of the row mask and of ARD. Not in the paper (see module doc)."""
+    default_sae_overrides: list[str] = field(default_factory=list)
+    """SAE-job `key=value` overrides (configs/sae.yaml's keys, e.g. "coder.expansion_factor=64") for
+    the SAE trained when `component.path` is null on an embedded world. Not in the paper."""
     keep_undo_log: bool = True
     """Keep each edit's rows before/after it (needed for rollback; 2 |M| d floats per edit)."""
 
@@ -211,6 +214,25 @@ class _Emit(nn.Module):
 
 
 @dataclass
+class DefaultSAE:
+    """What `build_component` returns when `component.path` is null: the embedded world's default
+    SAE at `hookpoint`, trained (or found) with the editor's `default_sae_overrides`."""
+
+    hookpoint: str
+
+    def resolve(self, model: nn.Module, adapter, overrides: Sequence[str]) -> nn.Module:
+        world = _world_of(model)
+        if world is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            raise ValueError(
+                f"component.path is not set and model {name!r} is not an embedded world: give MicroEdit "
+                f"a top-k SAE (sparsify or SAELens folder) trained on its hookpoint {self.hookpoint!r}, "
+                "e.g. with train_sae.py")
+        sae = default_sae(world, self.hookpoint, overrides, device=next(model.parameters()).device)
+        return _checked(sae, self.hookpoint, model, adapter)
+
+
+@dataclass
 class _Undo:
     rows: Tensor  # [m] long
     before: Tensor  # [m, d]
@@ -229,9 +251,11 @@ class MicroEdit(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: Any, component: nn.Module | None = None):
         cfg = MicroEditConfig.from_mapping(cfg)
+        if isinstance(component, DefaultSAE):  # no component.path: the world's default, built now
+            component = component.resolve(model, adapter, cfg.default_sae_overrides)
         super().__init__(model, tokenizer, adapter, cfg, component)
         if component is None:
-            raise ValueError("MicroEdit needs its SAE as `component` (see MicroEdit.from_config)")
+            raise ValueError("MicroEdit needs its SAE as `component` (see MicroEdit.build_component)")
         hookpoint = cfg.hookpoint or getattr(component, "hookpoint", None)
         if hookpoint is None:
             raise ValueError("MicroEdit: no hookpoint (set editor.hookpoint, or build the SAE with "
@@ -272,36 +296,25 @@ class MicroEdit(Editor):
     # --- building ---------------------------------------------------------------------------
 
     @classmethod
-    def build_component(cls, component_cfg: dict[str, Any], model: nn.Module, tokenizer, adapter) -> nn.Module:
+    def build_component(cls, component_cfg: dict[str, Any], model: nn.Module, tokenizer, adapter) -> Any:
         """The SAE from `component` (`path`, `hookpoint`): a sparsify / SAELens folder or a root of
-        hookpoint folders; with no path on an embedded world, the world's default SAE (found in its
-        cache or trained there first, said on stderr). The engine calls this (editors/state.py)."""
-        from lightning_edit.sparse import check_width
-
+        hookpoint folders. With no path, a `DefaultSAE` request that `__init__` resolves to the
+        embedded world's default SAE (found in its cache or trained there first, said on stderr)
+        with the editor's `default_sae_overrides`. The engine calls this (editors/state.py)."""
         hookpoint = component_cfg.get("hookpoint") or "layers.2"
         path = component_cfg.get("path")
-        device = next(model.parameters()).device
-        model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if path:
-            sae = load_sae(path, hookpoint, device=device)
-        else:
-            world = _world_of(model)
-            if world is None:
-                raise ValueError(
-                    f"component.path is not set and model {model_name!r} is not an embedded world: give "
-                    "MicroEdit a top-k SAE (sparsify or SAELens folder) trained on its hookpoint "
-                    f"{hookpoint!r}, e.g. with train_sae.py")
-            sae = default_sae(world, hookpoint, device=device)
-        check_width(sae, adapter.hidden_size, hookpoint, f"model {model_name!r}")
-        sae.hookpoint = hookpoint  # read by __init__ when editor.hookpoint is unset
-        return sae
+        if not path:
+            return DefaultSAE(hookpoint)
+        sae = load_sae(path, hookpoint, device=next(model.parameters()).device)
+        return _checked(sae, hookpoint, model, adapter)
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module, tokenizer, adapter) -> "MicroEdit":
         """Convenience outside the engine: from a job config (`component`, `editor` sections)."""
         editor_cfg = {k: v for k, v in (_section(cfg, "editor") or {}).items() if k != "method"}
+        editor_cfg = MicroEditConfig.from_mapping(editor_cfg)
         component = cls.build_component(_section(cfg, "component") or {}, model, tokenizer, adapter)
-        editor = cls(model, tokenizer, adapter, MicroEditConfig.from_mapping(editor_cfg), component)
+        editor = cls(model, tokenizer, adapter, editor_cfg, component)
         world = _world_of(model)
         if world is not None:
             editor.reference_corpus = world.corpus_path.read_text().splitlines()
@@ -812,23 +825,27 @@ def load_sae(path: str | Path, hookpoint: str, device: torch.device | str | None
     return sae
 
 
-def default_sae(world, hookpoint: str, device: torch.device | str | None = None) -> nn.Module:
-    """The world's default SAE at `hookpoint` (configs/sae.yaml's coder), cached in
-    `<world.root>/sae/<hookpoint>-k<k>/`; trained there by the SAE job on first use (said on stderr)."""
+def default_sae(world, hookpoint: str, overrides: Sequence[str] = (),
+                device: torch.device | str | None = None) -> nn.Module:
+    """The world's default SAE at `hookpoint`: configs/sae.yaml's recipe with `overrides` (SAE-job
+    `key=value`s), cached in `<world.root>/sae/<hookpoint>-k<k>[-<overrides>]/`; trained there by the
+    SAE job on first use (said on stderr)."""
     from filelock import FileLock
 
     from lightning_edit.config import load_config
     from lightning_edit.jobs import sparse as sae_job
 
-    base = load_config(sae_job.SCHEMA, [], default_config=sae_job.DEFAULT_CONFIG)
-    folder = Path(world.root) / "sae" / f"{hookpoint}-k{base.coder.k}"
+    overrides = list(overrides)
+    base = load_config(sae_job.SCHEMA, overrides, default_config=sae_job.DEFAULT_CONFIG)
+    tag = "".join(f"-{o.split('.')[-1]}" for o in overrides if not o.startswith("coder.k="))
+    folder = Path(world.root) / "sae" / f"{hookpoint}-k{base.coder.k}{tag}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / hookpoint / "cfg.json").is_file():
             _say(f"no SAE given (component.path): training the default SAE for {world.root.name} at "
                  f"{hookpoint} (k={base.coder.k}) into {folder} ...")
             start = time.perf_counter()
-            overrides = [f"model.name={_world_name(world)}",
+            overrides = [*overrides, f"model.name={_world_name(world)}",
                          f"hookpoints=[{hookpoint}]", f"export_dir={folder}",
                          f"output_dir={folder.with_name(folder.name + '.run')}", "logger=csv",
                          "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
@@ -838,6 +855,15 @@ def default_sae(world, hookpoint: str, device: torch.device | str | None = None)
         else:
             _say(f"using the default SAE in {folder / hookpoint}")
     return load_sae(folder, hookpoint, device=device)
+
+
+def _checked(sae: nn.Module, hookpoint: str, model: nn.Module, adapter) -> nn.Module:
+    from lightning_edit.sparse import check_width
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    check_width(sae, adapter.hidden_size, hookpoint, f"model {name!r}")
+    sae.hookpoint = hookpoint  # read by __init__ when editor.hookpoint is unset
+    return sae
 
 
 def _world_name(world) -> str:

@@ -368,6 +368,8 @@ class PNKE(Editor):
             raise ValueError(f"PNKE edits one record at a time; got {len(records)} (set data.batch_size=1)")
         (record,) = records
         start = time.perf_counter()
+        with self.edited():
+            before_edit = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
         found = self.locate(record)
         neurons = found["critical"].to(self.device)
         preserve = self._preserve_moment(record, neurons)
@@ -393,6 +395,7 @@ class PNKE(Editor):
             delta_norm=float(delta.norm()),
             steps=steps,
             seconds=seconds,
+            metrics_before={"target_nll": before_edit.nll, "target_argmax": float(before_edit.exact)},
             metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
                            **({"value_nll": value_nll} if value_nll is not None else {})},
             extra={"layer": self.layer, "n_bg": len(found["bg"]), "n_trig": len(found["trig"]),

@@ -166,6 +166,11 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
             ax = axes[row][col]
             groups = report["values"][g][when]
             pooled = torch.cat([v for v in groups.values() if len(v)]).double()
+            if len(pooled) == 0 or float(pooled.abs().max()) == 0.0:
+                ax.text(0.5, 0.5, f"{g}: 0 for every text (no edit to compare with)", ha="center",
+                        va="center", transform=ax.transAxes)
+                ax.set_title(f"{g} {when} editing", fontsize=10)
+                continue
             if log:
                 pos = pooled[pooled > 0]
                 lo = float(pos.min()) if len(pos) else 1e-6

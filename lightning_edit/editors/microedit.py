@@ -708,6 +708,8 @@ class MicroEdit(Editor):
         `<gate>_last`), plus z_sq and n_tokens. base=True measures with the unedited decoder."""
         alpha = alpha if alpha is not None else (self.alpha or 1.0)
         gate_objs = {name: self.make_gate(name, tau=0.0) for name in gates}
+        if base and "overlap" in gate_objs:  # before editing there are no edit masks to overlap with
+            gate_objs["overlap"] = OverlapGate(0.0, lambda: None, gate_objs["overlap"].unit)
         for g in gate_objs.values():
             if hasattr(g, "alpha"):
                 g.alpha = alpha

@@ -274,7 +274,10 @@ class Grace(Editor):
             metrics_before={"target_nll": nll_before, "target_argmax": float(right_before)},
             metrics_after={"target_nll": loss.item(), "target_argmax": float(right)},
             extra={"action": action, "entry": entry, "entries": int(self.keys.shape[0]),
-                   "epsilon": float(self.epsilons[entry])},
+                   "epsilon": float(self.epsilons[entry]),
+                   # numbers this edit set: the value, plus a new key and radius or the radii it moved
+                   "params_changed": self.values.shape[1] + {"add": self.keys.shape[1] + 1,
+                                                             "split": self.keys.shape[1] + 2}.get(action, 1)},
         )
         self.ledger.append(entry_record)
         return entry_record

@@ -456,7 +456,7 @@ class Wise(Editor):
             metrics_after={"target_nll": nll_after.item(), "target_argmax": float(right_after),
                            "edit_act": edit_act, "out_of_scope_act": float(out_scope.max())},
             extra={"threshold": self.threshold, "early_stop": stopped, "merged": merged,
-                   "memories": len(self.memories())},
+                   "memories": len(self.memories()), "params_changed": int((change != 0).sum())},
         )
         self.ledger.append(entry)
         return entry

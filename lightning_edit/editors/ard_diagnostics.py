@@ -14,10 +14,13 @@ reports quantiles per group, the AUROC of in-scope vs out-of-scope after editing
 Texts are scored as the metrics feed them (prompt + " " + answer) unless `with_targets=False`, so a
 proposed tau fits the teacher-forced Rel/Gen/Loc protocol.
 
-    python -m lightning_edit.editors.ard_diagnostics [world=toyworld] [T=50] [state=<edit_state>]
-        [gate=ard] [out=<dir>] [key=value: MicroEdit options]
-runs T edits of the world's CounterFact stream with the default config (or loads a saved edit
-state) and writes report.json and ard_diagnostics.png; the proposed tau is printed.
+    python -m lightning_edit.editors.ard_diagnostics [world=toyworld] [T=50] [out=<dir>]
+        [key=value: MicroEdit options, e.g. gate=ard]
+    python -m lightning_edit.editors.ard_diagnostics state=<run>/edit_state [data=<edit file>]
+        [corpus=<text file>] [out=<dir>]
+runs T edits of the world's CounterFact stream with configs/microedit.yaml (or loads a saved edit
+state, finding its records in `data`) and writes report.json, summary.md and ard_diagnostics.png;
+the table and the proposed tau of the configured gate are printed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from lightning_edit.editors.microedit import _world_of
 
 GROUPS_IN = ("edit", "rephrase")
 GROUPS_OUT = ("locality", "reference")
@@ -237,10 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state:
         from lightning_edit.editors.state import load_edited
 
-        editor, _, _ = load_edited(state)
-        records = [_record(e) for e in editor.ledger]
+        editor, model, _ = load_edited(state)
+        records = _ledger_records(editor, args.pop("data", None), model)
         corpus = args.pop("corpus", None)
-        corpus = Path(corpus).read_text().splitlines() if corpus else editor.reference_corpus
+        if corpus:
+            corpus = Path(corpus).read_text().splitlines()
+        else:
+            world = _world_of(model)
+            corpus = world.corpus_path.read_text().splitlines() if world is not None else []
+        editor.reference_corpus = corpus
     else:
         from lightning_edit.config import load_config
         from lightning_edit.editors.microedit import MicroEdit
@@ -258,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus = editor.reference_corpus
         editor.prepare(corpus)
         records = read_edits(world.counterfact_path)[:T]
-        editor.apply(records) if False else [editor.apply([r]) for r in records]
+        for record in records:
+            editor.apply([record])
     report = scope_report(editor, records, corpus)
     save_report(report, out)
     print(summary_table(report))
@@ -269,11 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _record(entry) -> Any:
-    """A minimal record from a ledger entry (prompt and target only) when the stream is not at hand."""
-    from lightning_edit.data import EditRecord
+def _ledger_records(editor, data: str | None, model) -> list[Any]:
+    """The records behind the ledger: looked up by prompt and target in `data` (default: the
+    embedded world's CounterFact export), else just prompt and target (no rephrases, no locality)."""
+    from lightning_edit.data import EditRecord, read_edits
 
-    return EditRecord(prompt=entry.prompt, target_new=entry.target)
+    path = data
+    if path is None:
+        world = _world_of(model)
+        path = world.counterfact_path if world is not None else None
+    by_key = {}
+    if path is not None:
+        by_key = {(r.prompt, r.target_new): r for r in read_edits(path)}
+    return [by_key.get((e.prompt, e.target)) or EditRecord(prompt=e.prompt, target_new=e.target)
+            for e in editor.ledger if not e.extra.get("rolled_back")]
 
 
 if __name__ == "__main__":

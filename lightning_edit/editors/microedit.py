@@ -32,7 +32,6 @@ had never happened.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -56,15 +55,10 @@ from lightning_edit.editors.gates import (
     ScopeGate,
     ard_per_token,
     embedding_bag_delta,
-    max_jaccard,
-    sequence_max,
-    sequence_mean,
 )
 from lightning_edit.models import hidden_of, with_hidden
 
 STATE_FORMAT = "lightning_edit.microedit/1"
-STATE_JSON = "microedit.json"
-STATE_TENSORS = "microedit.safetensors"
 SAE_SUBDIR = "sae"
 
 
@@ -74,7 +68,6 @@ class MicroEditConfig:
     others are marked "not in the paper". configs/microedit.yaml holds the values for the embedded
     world and says why they differ."""
 
-    method: str = "microedit"
     hookpoint: str | None = None
     """Residual output the SAE reads and replaces (layer l), e.g. "layers.2"; None = the component's
     hookpoint (`component.hookpoint`). Paper: layer 30 of Llama-3-8B, 24 of Mistral-7B."""
@@ -179,6 +172,7 @@ class MicroEditConfig:
                 data = OmegaConf.to_container(data, resolve=True)
         except ImportError:  # pragma: no cover
             pass
+        data = {k: v for k, v in dict(data).items() if k != "method"}  # the job's editor.method
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -907,14 +901,6 @@ def _spread(items: list, n: int) -> list:
         return list(items)
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
 def _say(message: str) -> None:

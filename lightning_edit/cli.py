@@ -42,6 +42,18 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         job.add_argument("overrides", nargs="*", metavar="key=value", help="config=FILE and overrides")
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="propose a tau for MicroEdit's scope gate (ARD / overlap / delta diagnostics)",
+        description="Measure each MicroEdit scope gate's statistic on edited, rephrased, locality and "
+        "reference-corpus texts before and after editing; print the separation (AUROC) and a proposed "
+        "tau as a config override; write report.json, summary.md and a histogram PNG.",
+        epilog="Examples:\n  %(prog)s state=runs/edit/<stamp>            (a finished run's edit state)\n"
+        "  %(prog)s world=toyworld T=50 gate=ard      (edit T records first, MicroEdit options as key=value)\n"
+        "Keys: state, data (edit file for a state), corpus (text file), world, T, out, threads.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    calibrate.add_argument("overrides", nargs="*", metavar="key=value")
     world = sub.add_parser("world", help="build or inspect the embedded default world")
     world.add_argument("--name", default="toyworld", help="toyworld (default) or toyworld-small")
     world.add_argument("--seed", type=int, default=0)
@@ -68,6 +80,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int
         if not args.job:
             parser.parse_args(["run", "--help"])
         return run_job(args.job, args.overrides)
+    if args.command == "calibrate":
+        from lightning_edit.editors.ard_diagnostics import main as calibrate_main
+
+        bad = [a for a in args.overrides if "=" not in a]
+        if bad:
+            print(f"error: calibrate takes key=value arguments; got {bad[0]!r}", file=sys.stderr)
+            return 2
+        return calibrate_main(args.overrides)
     if args.command == "world":
         from lightning_edit.world import build_world
 
@@ -85,7 +105,8 @@ def _sdk_available() -> bool:
 def lightning_main(argv: Sequence[str] | None = None) -> int:
     """The `lightning` executable: our `run` jobs, everything else to lightning-sdk's CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ours = argv[:1] == ["run"] and (len(argv) == 1 or argv[1] in JOBS or argv[1].startswith("-"))
+    ours = (argv[:1] == ["run"] and (len(argv) == 1 or argv[1] in JOBS or argv[1].startswith("-"))) \
+        or argv[:1] == ["calibrate"]
     if ours:
         return main(argv, prog="lightning")
     if argv and argv[0] not in ("-h", "--help") and _sdk_available():

@@ -97,10 +97,11 @@ class EditModule(LightningModule):
         if records is None:
             raise RuntimeError("EditModule needs an EditStream datamodule (trainer.fit(module, datamodule=stream))")
         self.stream_length = len(records)
-        with self.editor.edited() as model:
-            if self.editor.ledger:
-                raise RuntimeError("EditModule.setup: the editor has edits already; the scorer needs the unedited model")
-            self.scorer.prepare(model, records)
+        if self.editor.ledger:
+            raise RuntimeError("EditModule.setup: the editor has edits already; the scorer needs the unedited model")
+        # The base model itself, outside `edited()`: Loc counts whatever the method changes on
+        # unrelated inputs, a spliced component's reconstruction error included.
+        self.scorer.prepare(self.editor.model, records)
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch > 0:
@@ -120,7 +121,7 @@ class EditModule(LightningModule):
                    "edit/steps": sum(e.steps for e in entries) / max(1, len(entries))}
         if self.immediate:
             with self.editor.edited() as model:
-                scores = self.scorer.score(model, batch)
+                scores = self.scorer.score(model, batch, edited=self.edited_records)
             self.immediate_scores.append(scores)
             metrics.update({f"edit_step_immediate/{k}": v for k, v in scores.items() if k in IMMEDIATE_WEIGHTS})
         self._log(metrics, t)

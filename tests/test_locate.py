@@ -433,3 +433,13 @@ def test_coder_statistics_survive_decoder_edits(llama, tok):
         with pytest.raises(StatsMismatchError, match="'coder'"):
             second_moment(llama, tok, adapter, 1, CORPUS, site="coder_latents", coder=coder, progress=False)
     counter.handle.remove()
+
+
+def test_two_in_memory_corpora_get_their_own_cache_files(llama, tok, tmp_path):
+    adapter = ModelAdapter(llama)
+    store = StatsCache(tmp_path)
+    full = second_moment(llama, tok, adapter, 0, CORPUS, cache=store, progress=False)
+    part = second_moment(llama, tok, adapter, 0, CORPUS[:2], cache=store, progress=False)  # no mismatch error
+    assert not torch.equal(full, part)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+    assert torch.equal(second_moment(llama, tok, adapter, 0, CORPUS[:2], cache=store, progress=False), part)

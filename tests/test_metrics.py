@@ -187,3 +187,20 @@ def test_perplexity_and_hallucination_scoring(tok):
 def test_empty_target_rejected(tok, model):
     with pytest.raises(ValueError, match="adds no tokens"):
         teacher_forced(model, tok, ["the capital of"], [""])
+
+
+def test_edit_scorer_leaves_out_locality_prompts_an_edit_rewrites(tok):
+    m = make_model(len(tok), seed=2)
+    first = fact("a b", "c", locality=[LocalityPair("x y", "z"), LocalityPair("the river", "blue")])
+    later = fact("x y", "paris")  # a later edit rewrites the first record's neighbour
+    scorer = EditScorer(tok, base_model=m, records=[first, later])
+    with torch.no_grad():
+        m.lm_head.weight.add_(torch.randn_like(m.lm_head.weight) * 5)
+    alone = scorer.score(m, [first])
+    assert alone["n_loc_excluded"] == 0
+    both = scorer.score(m, [first, later])
+    assert both["n_loc_excluded"] == 1 and both["n_loc"] == 1
+    river_only = fact("a b", "c", locality=[LocalityPair("the river", "blue")])
+    assert both["loc"] == scorer.score(m, [river_only])["loc"]  # Loc scored on the kept pair alone
+    # Immediate protocol: the record alone, against everything edited so far.
+    assert scorer.score(m, [first], edited=[first, later])["n_loc_excluded"] == 1

@@ -220,3 +220,25 @@ def test_diagnostics_auroc_and_proposed_tau(small_world, small_sae, records, tmp
     assert math.isfinite(tau)
     # A gate that separates perfectly gets a tau between the groups.
     assert propose_tau(torch.tensor([0.5, 0.6]), torch.tensor([0.1, 0.2]), admits_high=True) == 0.5
+
+
+def test_calibrate_command_on_a_saved_state(small_world, small_sae, records, tmp_path, capsys):
+    from lightning_edit.cli import lightning_main, main
+    from lightning_edit.editors.state import save_edit_state
+
+    editor = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
+    for record in records[:2]:
+        editor.apply([record])
+    save_edit_state(editor, tmp_path / "state")
+    out = tmp_path / "calib"
+    assert main(["calibrate", f"state={tmp_path / 'state'}", f"out={out}"]) == 0
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if ln.startswith("use it with:"))
+    tau = float(line.split("editor.overlap_tau=")[1])
+    assert 0.0 <= tau <= 1.0  # a Jaccard threshold
+    assert {"report.json", "summary.md", "ard_diagnostics.png"} <= {p.name for p in out.iterdir()}
+    assert main(["calibrate", "oops"]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # `lightning calibrate --help` is ours, not lightning-sdk's
+        lightning_main(["calibrate", "--help"])
+    assert "propose" in capsys.readouterr().out

@@ -22,7 +22,6 @@ statistics by `prepare`, never saved; nothing is written to the working director
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import StatsMismatchError, ValueSolverConfig, activations, compute_value, second_moment
+from lightning_edit.locate import ValueSolverConfig, activations, compute_value, context_keys, editing_second_moment
 from lightning_edit.metrics import teacher_forced
 
 
@@ -113,7 +112,7 @@ class AlphaEdit(Editor):
             raise ValueError("AlphaEdit needs a corpus for the preserved keys' statistics: set data.corpus to "
                              "a text file, one passage a line")
         for layer in self.layers:
-            c = _second_moment(self.model, self.tokenizer, self.adapter, layer, corpus, self.cfg.mom2_n_samples,
+            c = editing_second_moment(self.model, self.tokenizer, self.adapter, layer, corpus, self.cfg.mom2_n_samples,
                                self.cfg.stats_batch_size, self.name).double()
             eigenvalues, eigenvectors = torch.linalg.eigh(c)
             free = eigenvectors[:, eigenvalues < self.cfg.nullspace_threshold]   # U_hat, [d_ff, r]
@@ -130,7 +129,7 @@ class AlphaEdit(Editor):
 
     def _keys(self, layer: int, records: list) -> torch.Tensor:
         """[d_ff, n]: each record's down projection input at `layer`, averaged over the context templates."""
-        return _keys(self.model, self.tokenizer, self.adapter, layer, records, self.cfg.context_templates,
+        return context_keys(self.model, self.tokenizer, self.adapter, layer, records, self.cfg.context_templates,
                      self.cfg.position).to(self.device)
 
     def _outputs(self, records: list) -> torch.Tensor:
@@ -214,26 +213,3 @@ class AlphaEdit(Editor):
         self.key_cache = {layer: cache[str(layer)].to(device=self.device, dtype=torch.float64).clone()
                           for layer in self.layers}
         self.load_ledger(state["ledger"])
-
-
-def _keys(model: nn.Module, tok, adapter, layer: int, records: list, templates: list[str],
-          position: str) -> torch.Tensor:
-    """[d_ff, n] float64: each record's down projection input at `layer` at its key position, averaged
-    over the context templates (the reference code's compute_ks)."""
-    texts = [t.replace("{}", r.prompt, 1) for r in records for t in templates]
-    subjects = [r.subject for r in records for _ in templates]
-    k = activations(model, tok, adapter, layer, texts, position=position, subjects=subjects, site="down_proj_input")
-    return k.view(len(records), len(templates), -1).mean(1).T.double()
-
-
-def _second_moment(model: nn.Module, tok, adapter, layer: int, corpus: list[str], n_samples: int | None,
-                   batch_size: int, method: str) -> torch.Tensor:
-    """E[k k^T] of the down projection's inputs at `layer`, from the statistics cache when it holds them
-    for these weights; a cached file made for other weights (e.g. a rebuilt model) is recomputed over,
-    since this model is the one being edited."""
-    kwargs = dict(site="down_proj_input", batch_size=batch_size)
-    try:
-        return second_moment(model, tok, adapter, layer, corpus, n_samples, **kwargs)
-    except StatsMismatchError as err:
-        print(f"[{method}] {err.args[0].split(';')[0]}: recomputing", file=sys.stderr)
-        return second_moment(model, tok, adapter, layer, corpus, n_samples, recompute=True, **kwargs)

@@ -14,6 +14,7 @@ reports quantiles per group, the AUROC of in-scope vs out-of-scope after editing
 Texts are scored as the metrics feed them (prompt + " " + answer) unless `with_targets=False`, so a
 proposed tau fits the teacher-forced Rel/Gen/Loc protocol.
 
+    lightning-edit calibrate ...   (or `lightning calibrate ...`, the same arguments as below)
     python -m lightning_edit.editors.ard_diagnostics [world=toyworld] [T=50] [out=<dir>]
         [key=value: MicroEdit options, e.g. gate=ard]
     python -m lightning_edit.editors.ard_diagnostics state=<run>/edit_state [data=<edit file>]
@@ -33,11 +34,13 @@ from typing import Any, Sequence
 
 import torch
 
-from lightning_edit.editors.microedit import _world_of
+from lightning_edit.world import world_of
 
 GROUPS_IN = ("edit", "rephrase")
 GROUPS_OUT = ("locality", "reference")
 ADMITS_HIGH = {"ard": False, "delta": True, "overlap": True}
+TAU_KEYS = {"ard": "tau", "delta": "delta_tau", "overlap": "overlap_tau"}
+"""The MicroEdit config key holding each gate's threshold."""
 
 
 def _texts(records: Sequence[Any], with_targets: bool) -> dict[str, list[str]]:
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if corpus:
             corpus = Path(corpus).read_text().splitlines()
         else:
-            world = _world_of(model)
+            world = world_of(model)
             corpus = world.corpus_path.read_text().splitlines() if world is not None else []
         editor.reference_corpus = corpus
     else:
@@ -275,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_table(report))
     g = editor.cfg.effective_gate
     if g in report["summary"]:
-        print(f"\nproposed tau for the {g} gate: {report['summary'][g]['proposed_tau']:.6g} "
-              f"(configured: {editor.tau}); report in {out}")
+        tau = report["summary"][g]["proposed_tau"]
+        print(f"\nproposed tau for the {g} gate: {tau:.6g} (configured: {editor.tau}); report in {out}")
+        print(f"use it with: editor.gate={g} editor.{TAU_KEYS[g]}={tau:.6g}")
     return 0
 
 
@@ -287,7 +291,7 @@ def _ledger_records(editor, data: str | None, model) -> list[Any]:
 
     path = data
     if path is None:
-        world = _world_of(model)
+        world = world_of(model)
         path = world.counterfact_path if world is not None else None
     by_key = {}
     if path is not None:

@@ -57,6 +57,7 @@ from lightning_edit.editors.gates import (
     embedding_bag_delta,
 )
 from lightning_edit.models import hidden_of, with_hidden
+from lightning_edit.world import world_of
 
 STATE_FORMAT = "lightning_edit.microedit/1"
 SAE_SUBDIR = "sae"
@@ -215,7 +216,7 @@ class DefaultSAE:
     hookpoint: str
 
     def resolve(self, model: nn.Module, adapter, overrides: Sequence[str]) -> nn.Module:
-        world = _world_of(model)
+        world = world_of(model)
         if world is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
             raise ValueError(
@@ -309,7 +310,7 @@ class MicroEdit(Editor):
         editor_cfg = MicroEditConfig.from_mapping(editor_cfg)
         component = cls.build_component(_section(cfg, "component") or {}, model, tokenizer, adapter)
         editor = cls(model, tokenizer, adapter, editor_cfg, component)
-        world = _world_of(model)
+        world = world_of(model)
         if world is not None:
             editor.reference_corpus = world.corpus_path.read_text().splitlines()
         return editor
@@ -867,18 +868,6 @@ def _world_name(world) -> str:
     return world.root.name.split("-seed")[0]
 
 
-def _world_of(model: nn.Module):
-    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
-    from lightning_edit.world import World
-
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        return None
-    root = Path(name).parent
-    try:
-        return World.open(root) if (root / "world.json").is_file() else None
-    except FileNotFoundError:
-        return None
 
 
 def _section(cfg: Any, key: str) -> Any:

@@ -45,6 +45,8 @@ from lightning_edit.locate import (
     integrated_gradients,
     second_moment,
 )
+from lightning_edit.sparse.splice import TranscoderMLP
+from lightning_edit.world import world_of
 from lightning_edit.metrics import target_positions, teacher_forced
 
 SITES = ("ffn", "transcoder")
@@ -168,26 +170,6 @@ def _minmax(x: Tensor) -> Tensor:
     return (x - x.min()) / span if span > 0 else torch.ones_like(x)
 
 
-class _TranscoderMLP(nn.Module):
-    """A transcoder with an MLP's call signature; its dense latent code passes through the identity
-    `latents`, the site attribution reads and replaces."""
-
-    def __init__(self, coder: nn.Module):
-        super().__init__()
-        self.coder = coder
-        self.latents = nn.Identity()
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        coder = self.coder
-        x = hidden_states.to(coder.dtype)
-        acts, indices = coder.encode(x)
-        z = self.latents(acts.new_zeros(*acts.shape[:-1], coder.num_latents).scatter(-1, indices, acts))
-        out = z @ coder.W_dec + coder.b_dec
-        if coder.W_skip is not None:
-            out = out + x @ coder.W_skip.mT
-        return out.to(hidden_states.dtype)
-
-
 class PNKE(Editor):
     """PNKE at one layer: only the output weights of each edit's critical neurons change."""
 
@@ -214,7 +196,7 @@ class PNKE(Editor):
                                  f"{adapter.mlp_name(self.layer)!r}: the transcoder must replace that MLP")
             self.coder = component
             self.coder.requires_grad_(False)
-            self.splice = _TranscoderMLP(self.coder)
+            self.splice = TranscoderMLP(self.coder)
             self.site: Any = Site(f"{adapter.mlp_name(self.layer)}.latents", "output")
             self.param_name = f"{adapter.mlp_name(self.layer)}.W_dec"
         else:
@@ -248,7 +230,7 @@ class PNKE(Editor):
         if config.site == "transcoder":
             component = cls.load_transcoder(dict(cfg.get("component") or {}), model, adapter, config)
         editor = cls(model, tokenizer, adapter, config, component)
-        world = _world_of(model)
+        world = world_of(model)
         if world is not None:
             editor.relation_templates = {r.name: list(r.templates) for r in world.kb.relations}
         return editor
@@ -510,14 +492,3 @@ class PNKE(Editor):
         self._edit_keys = [k.to(self.device, torch.float64) for k in keys] if keys is not None else []
         self._edit_values = [v.to(self.device, torch.float64) for v in values] if values is not None else []
         self.load_ledger(state["ledger"])
-
-
-def _world_of(model: nn.Module):
-    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
-    from lightning_edit.world import World
-
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    root = Path(name).parent if name else None
-    if root is None or not (root / "world.json").is_file():
-        return None
-    return World.open(root)

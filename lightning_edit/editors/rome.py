@@ -17,7 +17,6 @@ the update goes through `adapter.down_proj_weight`, a [d_model, d_ff] view of th
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import StatsMismatchError, ValueSolverConfig, compute_value, second_moment
+from lightning_edit.locate import ValueSolverConfig, compute_value, editing_second_moment
 from lightning_edit.metrics import teacher_forced
 
 
@@ -95,8 +94,8 @@ class ROME(Editor):
         if not corpus:
             raise ValueError("ROME needs a corpus for its second-moment statistics (editor.mom2_adjustment "
                              "is true): set data.corpus to a text file, one passage a line")
-        c = _second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, self.cfg.mom2_n_samples,
-                           self.cfg.stats_batch_size)
+        c = editing_second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus,
+                                  self.cfg.mom2_n_samples, self.cfg.stats_batch_size, self.name)
         self.second_moment = c.to(device=self.device, dtype=torch.float64)
 
     @property
@@ -149,16 +148,3 @@ class ROME(Editor):
         with torch.no_grad():
             self.weight.copy_(tensors[self.param_name])
         self.load_ledger(state["ledger"])
-
-
-def _second_moment(model: nn.Module, tok, adapter, layer: int, corpus: list[str], n_samples: int | None,
-                   batch_size: int) -> torch.Tensor:
-    """E[k k^T] of the down projection's inputs at `layer`, from the statistics cache when it holds them
-    for these weights; a cached file made for other weights (e.g. a rebuilt model) is recomputed over,
-    since this model is the one being edited."""
-    kwargs = dict(site="down_proj_input", batch_size=batch_size)
-    try:
-        return second_moment(model, tok, adapter, layer, corpus, n_samples, **kwargs)
-    except StatsMismatchError as err:
-        print(f"[rome] {err.args[0].split(';')[0]}: recomputing", file=sys.stderr)
-        return second_moment(model, tok, adapter, layer, corpus, n_samples, recompute=True, **kwargs)

@@ -194,8 +194,15 @@ def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str
         raise ValueError(f"{state_dir}/editor.json records no base model; pass model_name")
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     adapter = ModelAdapter(model)
+    component = dict(settings.get("component") or {})
+    exported = Path(state_dir) / "sae"
+    if exported.is_dir():  # the state's own copy of its component: no dependence on the original path
+        component["path"] = str(exported)
+        folders = [p.name for p in exported.iterdir() if (p / "cfg.json").is_file()]
+        if len(folders) == 1:
+            component["hookpoint"] = component.get("hookpoint") or folders[0]
     editor = build_editor(settings["method"], settings.get("config") or {}, model, tokenizer, adapter,
-                          settings.get("component"), model_name)
+                          component or settings.get("component"), model_name)
     saved = settings.get("base_fingerprint")
     same_dtype = settings.get("model_dtype") == dtype  # a fingerprint only compares like with like
     if check_base and saved and same_dtype and saved != editor.base_fingerprint:

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
 from lightning_edit.locate import Site, ValueSolverConfig, activations, compute_value, second_moment
+from lightning_edit.sparse.splice import TranscoderMLP
+from lightning_edit.world import world_of
 from lightning_edit.metrics import teacher_forced
 
 
@@ -78,29 +80,6 @@ class TCPEConfig:
     """The value solver stops once the target NLL is below this (ROME's code: 5e-2)."""
     context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
     """Prefixes the value must work in ("{}" = the prompt); the embedded worlds need ["{}"]."""
-
-
-class TranscoderMLP(nn.Module):
-    """A transcoder with an MLP's call signature: `forward(x) -> z W_dec + b_dec (+ x W_skip^T)`.
-
-    The dense latent code passes through the identity module `latents`, so `Site("<mlp>.latents",
-    "output")` reads (or, in attribution, replaces) z [B, T, n] while the transcoder is spliced in.
-    """
-
-    def __init__(self, coder: nn.Module):
-        super().__init__()
-        self.coder = coder
-        self.latents = nn.Identity()
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        coder = self.coder
-        x = hidden_states.to(coder.dtype)
-        acts, indices = coder.encode(x)  # [B, T, k]
-        z = self.latents(acts.new_zeros(*acts.shape[:-1], coder.num_latents).scatter(-1, indices, acts))
-        out = z @ coder.W_dec + coder.b_dec  # dense decode, [B, T, d]: differentiable in z
-        if coder.W_skip is not None:
-            out = out + x @ coder.W_skip.mT
-        return out.to(hidden_states.dtype)
 
 
 class TCPE(Editor):
@@ -148,7 +127,7 @@ class TCPE(Editor):
             folder = Path(path) / hookpoint if (Path(path) / hookpoint).is_dir() else Path(path)
             coder = load_sparse_coder(folder, device=device)
         else:
-            world = _world_of(model)
+            world = world_of(model)
             if world is None:
                 raise ValueError(
                     f"component.path is not set and model {model_name!r} is not an embedded world: give TCPE "
@@ -324,17 +303,6 @@ def default_transcoder(world, hookpoint: str, device: torch.device | str | None 
         else:
             _say(f"using the default transcoder in {folder / hookpoint}")
     return load_sparse_coder(folder / hookpoint, device=device)
-
-
-def _world_of(model: nn.Module):
-    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
-    from lightning_edit.world import World
-
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    root = Path(name).parent if name else None
-    if root is None or not (root / "world.json").is_file():
-        return None
-    return World.open(root)
 
 
 def _say(message: str) -> None:

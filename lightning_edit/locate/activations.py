@@ -206,3 +206,13 @@ def activations(
     if any(p == "all" for p in positions):
         return out
     return torch.cat(out, dim=0) if out else torch.empty(0)
+
+
+def context_keys(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int, records: Sequence[Any],
+                 templates: Sequence[str], position: str) -> torch.Tensor:
+    """[d_ff, n] float64: each record's down projection input at `layer` at its key position, averaged
+    over the context templates ("{}" = the prompt; MEMIT's compute_ks)."""
+    texts = [t.replace("{}", r.prompt, 1) for r in records for t in templates]
+    subjects = [r.subject for r in records for _ in templates]
+    k = activations(model, tok, adapter, layer, texts, position=position, subjects=subjects, site="down_proj_input")
+    return k.view(len(records), len(templates), -1).mean(1).T.double()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -221,7 +222,7 @@ def read_corpus(corpus: Corpus) -> tuple[list[str], str, int, str]:
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("corpus must be a file path or a sequence of strings")
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    return texts, "<texts>", sum(len(t) for t in texts), digest
+    return texts, f"<texts:{digest[:16]}>", sum(len(t) for t in texts), digest
 
 
 def _weights_hash(adapter: ModelAdapter, layer: int, hooked: Site) -> str:
@@ -348,3 +349,16 @@ def second_moment(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
     else:
         stats = MomentStats(stats.second_moment.to(dtype), stats.mean.to(dtype), stats.count)
     return stats if return_stats else stats.second_moment
+
+
+def editing_second_moment(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int, corpus: Corpus,
+                          n_samples: int | None, batch_size: int, who: str) -> torch.Tensor:
+    """E[k k^T] of the down projection's inputs at `layer` for an editor (ROME, MEMIT, AlphaEdit): from
+    the cache when it holds them for these weights; a cached file made for other weights (e.g. a
+    rebuilt model) is recomputed over, since this model is the one being edited."""
+    kwargs = dict(site="down_proj_input", batch_size=batch_size)
+    try:
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, **kwargs)
+    except StatsMismatchError as err:
+        print(f"[{who}] {err.args[0].split(';')[0]}: recomputing", file=sys.stderr)
+        return second_moment(model, tok, adapter, layer, corpus, n_samples, recompute=True, **kwargs)

@@ -5,7 +5,9 @@
 - Gen: the same on each rephrase, averaged per record, then over records.
 - Loc: on each locality prompt + answer, the fraction of answer positions where the edited model's
   argmax equals the unedited model's, pooled per record, then averaged over records. A pair with no
-  answer compares the argmax at the prompt's last position only.
+  answer compares the argmax at the prompt's last position only. A locality prompt that is itself
+  the prompt or a rephrase of an edit made so far is not scored: that edit is meant to change it
+  (in a long stream of a small world, later edits rewrite earlier records' neighbours).
 - Hallucination records: Rel is the perplexity of `target_new` given `prompt` (lower is better).
 
 `model` is any Hugging Face causal LM (called as `model(input_ids=, attention_mask=).logits`),
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -319,18 +321,26 @@ class EditScorer:
             out.append(self._base[key])
         return out
 
-    def score(self, model: torch.nn.Module, records: Sequence[EditRecord]) -> dict[str, float]:
+    def score(self, model: torch.nn.Module, records: Sequence[EditRecord],
+              edited: Sequence[EditRecord] | None = None) -> dict[str, float]:
         """rel, rel_em, gen, gen_em over fact records; loc over all; n; and rel_ppl (mean
         perplexity of the corrected text, lower is better) when hallucination records are present.
-        A metric with no record to measure it is NaN."""
-        base = [self.base_predictions(r) for r in records]
+        A metric with no record to measure it is NaN.
+
+        `edited`: every record edited so far (default `records`, the final-state protocol);
+        locality pairs whose prompt one of them rewrites are left out of Loc and counted in
+        `n_loc_excluded`."""
+        rewritten = {p for r in (records if edited is None else edited) for p in (r.prompt, *r.rephrase_prompts)}
+        kept = [replace(r, locality=[p for p in r.locality if p.prompt not in rewritten]) for r in records]
+        base = [self.base_predictions(r) for r in kept]
         facts = [r for r in records if r.kind == "fact"]
         hallucinations = [r for r in records if r.kind == "hallucination"]
         out = rel_gen_scores(model, self.tokenizer, facts, self.batch_size)
         out["n"] = len(records)
-        edited = locality_predictions(model, self.tokenizer, records, self.batch_size)
-        out["loc"] = loc_score(edited, base)
-        out["n_loc"] = sum(1 for r in records if r.locality)
+        predicted = locality_predictions(model, self.tokenizer, kept, self.batch_size)
+        out["loc"] = loc_score(predicted, base)
+        out["n_loc"] = sum(1 for r in kept if r.locality)
+        out["n_loc_excluded"] = sum(len(r.locality) for r in records) - sum(len(r.locality) for r in kept)
         if hallucinations:
             ppl = perplexity(model, self.tokenizer, [r.prompt for r in hallucinations],
                              [r.target_new for r in hallucinations], self.batch_size)

@@ -2,6 +2,7 @@
 
 from .coder import DeadLatentTracker, ForwardOutput, TopKSparseCoder, default_lr
 from .config import SparseCoderConfig
+from .splice import TranscoderMLP
 from .formats import (
     SparseCoderFormatError,
     check_width,
@@ -22,6 +23,7 @@ __all__ = [
     "SparseCoderConfig",
     "SparseCoderFormatError",
     "TopKSparseCoder",
+    "TranscoderMLP",
     "check_width",
     "default_lr",
     "detect_layout",

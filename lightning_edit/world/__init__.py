@@ -15,6 +15,7 @@ from .build import (
     load_world,
     resolve_model_path,
     world_dir,
+    world_of,
 )
 from .knowledge import ESSENCE_TEMPLATE, Fact, KnowledgeBase, Relation
 from .spec import FORMAT_VERSION, SPECS, ModelShape, TrainRecipe, WorldShape, WorldSpec
@@ -22,5 +23,5 @@ from .spec import FORMAT_VERSION, SPECS, ModelShape, TrainRecipe, WorldShape, Wo
 __all__ = [
     "CACHE_ENV", "ESSENCE_TEMPLATE", "FORMAT_VERSION", "SPECS", "WORLD_NAMES", "Fact", "KnowledgeBase",
     "ModelShape", "Relation", "TrainRecipe", "World", "WorldBuildError", "WorldShape", "WorldSpec",
-    "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir",
+    "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_of",
 ]

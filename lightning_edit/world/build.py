@@ -222,3 +222,15 @@ def resolve_model_path(name: str, seed: int = 0, cache_dir: str | Path | None = 
     if not _is_built(root):
         _say(f"'{name}' is an embedded world; building it on first use (cached in {root})")
     return load_world(name, seed, cache_dir).model_dir
+
+
+def world_of(model) -> "World | None":
+    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    root = Path(name).parent
+    try:
+        return World.open(root) if (root / "world.json").is_file() else None
+    except FileNotFoundError:
+        return None

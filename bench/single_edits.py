@@ -1,0 +1,120 @@
+"""Single-edit success of every method: does one edit on the unedited model make its target the argmax?
+
+The issues' first bar for a method ("the target is the argmax for at least 90% of single edits on
+the default world", T = 1). For each method, each of the first `--n` records of the world's
+CounterFact stream (the same order as the edit job's) is applied alone to a fresh copy of the base
+model with a freshly built editor (its YAML config, `editor.prepare` on the same corpus as the job),
+then scored teacher-forced on the edited model: `argmax` = every target token is the argmax (the
+exact-match Rel of METHODS 3), `rel` = token accuracy, `gen` = the rephrases' token accuracy.
+
+    python bench/single_edits.py                        # every method, toyworld, 50 records
+    python bench/single_edits.py --methods ft --n 20 --set editor.lr=1e-2
+
+Prints a markdown table (and writes it with `--out`); nothing here is timed against a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the registered editors (default: all)")
+    p.add_argument("--model", default="toyworld")
+    p.add_argument("--n", type=int, default=50, help="records, each edited alone")
+    p.add_argument("--order-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                   help="job override for every method, or for one with a METHOD: prefix (repeatable)")
+    p.add_argument("--out", default=None, help="also write the table here (markdown)")
+    return p.parse_args(argv)
+
+
+def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from datamodules.edits import EditStream
+    from lightning_edit.config import load_config
+    from lightning_edit.editors.state import build_editor
+    from lightning_edit.jobs.edit import SCHEMA, _read_corpus
+    from lightning_edit.metrics import rel_gen_scores
+    from lightning_edit.models import ModelAdapter, load_model
+    from omegaconf import OmegaConf
+
+    overrides = [f"config={config}", f"model.name={args.model}", "data.path=null",
+                 f"data.order_seed={args.order_seed}", f"data.limit={args.n}"]
+    for item in args.overrides:
+        scope, sep, rest = item.partition(":")
+        if sep and "=" not in scope:
+            if scope == method:
+                overrides.append(rest)
+        else:
+            overrides.append(item)
+    cfg = load_config(SCHEMA, overrides)
+    stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, 1, cfg.data.limit,
+                        model_name=cfg.model.name)
+    stream.setup("fit")
+    records = list(stream.records)
+    base, tokenizer = load_model(cfg.model.name, cfg.model.dtype, "cpu")
+    params = OmegaConf.to_container(cfg.editor, resolve=True)
+    component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
+    corpus = _read_corpus(cfg)
+    hits, rel, gen, seconds = [], [], [], []
+    for record in records:
+        model = copy.deepcopy(base)
+        editor = build_editor(method, params, model, tokenizer, ModelAdapter(model), component_cfg, cfg.model.name)
+        editor.prepare(corpus)
+        start = time.perf_counter()
+        editor.apply([record])
+        seconds.append(time.perf_counter() - start)
+        with torch.no_grad(), editor.edited() as edited:
+            scores = rel_gen_scores(edited, tokenizer, [record])
+        hits.append(scores["rel_em"])
+        rel.append(scores["rel"])
+        gen.append(scores["gen"])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"n": len(records), "argmax": mean(hits), "rel": mean(rel), "gen": mean(gen),
+            "s_per_edit": mean(seconds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from bench.compare_methods import method_config
+    from lightning_edit.editors import EDITORS
+
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",") if args.methods else list(EDITORS)
+    lines = [f"Single edits on `{args.model}`: each of the first {args.n} records of the CounterFact stream "
+             f"(order seed {args.order_seed}) applied alone to the unedited model.", "",
+             "| method | edits | target is argmax | Rel (token acc.) | Gen (token acc.) | s/edit |",
+             "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for method in methods:
+        config, why = method_config(method, REPO / "configs")
+        if config is None:
+            row = f"| {method} | - | skipped: {why} | | | |"
+        else:
+            s = single_edits(method, config, args)
+            row = (f"| {method} | {s['n']} | {s['argmax']:.0%} ({round(s['argmax'] * s['n'])}/{s['n']}) | "
+                   f"{s['rel']:.3f} | {s['gen']:.3f} | {s['s_per_edit']:.3f} |")
+        lines.append(row)
+        print(row, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(lines) + "\n\nCommand: `python bench/single_edits.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """`LocalityEval`: drift on held-out prompts, against the model before its first edit.
 
-The reference is captured in `setup`, before a checkpoint is restored, from `editor.edited()` with
-no edits applied (a spliced component included, so the numbers measure what the edits changed), and
+The reference is captured in `setup`, before a checkpoint is restored, from the base model itself
+(`editor.model` outside `editor.edited()`, as the stream's Loc is), so the numbers count everything
+the method changes on unrelated inputs, a spliced component's reconstruction error included; it is
 saved in the callback's checkpoint state. Logged with step = T at T = 0 and each checkpoint:
 `locality/agreement` (argmax tokens unchanged), `locality/kl` (mean KL(unedited || edited) of the
 next-token distributions over all positions), `locality/seconds`.
@@ -56,9 +57,8 @@ class LocalityEval(Callback):
         if not prompts:
             raise ValueError("LocalityEval: no held-out prompts (every candidate line mentions a subject of the "
                              "stream); set callbacks.locality.prompts_path")
-        with editor.edited() as model:
-            self.reference = capture_reference(model, editor.tokenizer, prompts, self.batch_size, self.topk,
-                                               self.max_reference_elements)
+        self.reference = capture_reference(editor.model, editor.tokenizer, prompts, self.batch_size, self.topk,
+                                           self.max_reference_elements)
 
     @property
     def done(self) -> set[int]:

@@ -107,8 +107,19 @@ def test_ment_edit_flips_target_and_reports_costs(small_world, tmp_path):
     assert isinstance(editor, MENT)
     record = records(small_world, 1)[0]
     assert not teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     (entry,) = editor.apply([record])
     assert teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
+    # Only the patched neurons' output columns moved; every other parameter is bit-identical.
+    after = model.state_dict()
+    prefix = adapter.base_model_prefix + "." if adapter.base_model_prefix else ""
+    for name in before:
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        if short not in entry.changed:
+            assert torch.equal(before[name], after[name]), name
+        else:
+            moved = (before[name] != after[name]).any(dim=0).nonzero().flatten().tolist()  # [d_model, d_ff]
+            assert moved and set(moved) <= set(entry.changed[short]), name
     m = entry.metrics_after
     assert m["target_argmax"] == 1.0 and m["skip"] == 0.0
     assert 1 <= m["neuron_cost"] == m["patched_neurons"] == len(entry.extra["patched"]) <= editor.cfg.quota

@@ -26,54 +26,55 @@ import torch
 from torch import nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import ValueSolverConfig, activations, compute_value, context_keys, editing_second_moment
+from lightning_edit.locate import activations, compute_value, context_keys, editing_second_moment
+from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
 
 
 @dataclass
-class MEMITConfig:
-    """MEMIT's hyperparameters; defaults are the paper's GPT-J settings (`hparams/MEMIT/EleutherAI_gpt-j-6B.json`
-    of the reference code). Size-dependent values for the embedded world are in configs/baselines/memit.yaml."""
+class MultiLayerConfig(ValueSolverFields):
+    """What MEMIT and AlphaEdit share: the edited layers, the corpus statistics and the value solver at
+    the last edited layer's output. Defaults are MEMIT's GPT-J settings (`hparams/MEMIT/EleutherAI_gpt-j-6B.json`
+    of the reference code); each method's config overrides those its paper sets otherwise."""
 
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     """The edited layers, in increasing order (GPT-J: 3-8 of 28, the causal-tracing peak, Sec. 4.1);
     negative counts from the last layer. Size-dependent: set it per model."""
-    position: str = "subject_last"
-    """Key position: "subject_last" (the subject's last token, Sec. 4.3) or "last" (the prompt's)."""
-    mom2_update_weight: float = 15000.0
-    """lambda, the weight of the corpus keys' second moment against the new keys (Eq. 14's C_0 = lambda
-    E[k k^T]). Size-dependent: E[k^T C^-1 k] = d_ff, so keeping lambda / d_ff is keeping the balance."""
     mom2_n_samples: int | None = 100000
-    """Corpus texts each C_l is estimated from (MEMIT: 100,000 Wikipedia texts); None = all."""
+    """Corpus texts each C_l is estimated from (MEMIT, AlphaEdit: 100,000 Wikipedia texts); None = all."""
     stats_batch_size: int = 32
     """Texts per forward pass while C_l is estimated (speed only; not in the paper)."""
     v_steps: int = 25
-    """Value-solver steps at most (`v_num_grad_steps`)."""
-    v_lr: float = 0.5
-    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
-    v_weight_decay: float = 0.5
-    """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
-    v_decay: str = "rome"
-    """Penalty form: "rome" = ||delta|| / ||h||^2 as the reference code, "relative_sq" = ||delta||^2 / ||h||^2."""
+    """Value-solver steps at most (`v_num_grad_steps`; MEMIT's and AlphaEdit's 25)."""
     clamp_norm_factor: float = 0.75
-    """||delta|| <= clamp_norm_factor * ||h||, h the residual stream at l_L (`clamp_norm_factor`)."""
-    kl_factor: float = 0.0625
-    """Weight of the KL term that keeps "{subject} is a" (essence drift)."""
-    nll_threshold: float = 5e-2
-    """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
-    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
-    """Prefixes the keys are averaged over and the value must work in ("{}" = the prompt itself; MEMIT
-    samples short continuations from the model, fixed prefixes keep the edit deterministic)."""
+    """||delta|| <= clamp_norm_factor * ||h||, h the residual stream at the last edited layer l_L
+    (`clamp_norm_factor`)."""
+
+
+@dataclass
+class MEMITConfig(MultiLayerConfig):
+    """MEMIT's hyperparameters; defaults are the paper's GPT-J settings (`hparams/MEMIT/EleutherAI_gpt-j-6B.json`
+    of the reference code). Size-dependent values for the embedded world are in configs/baselines/memit.yaml."""
+
+    mom2_update_weight: float = 15000.0
+    """lambda, the weight of the corpus keys' second moment against the new keys (Eq. 14's C_0 = lambda
+    E[k k^T]). Size-dependent: E[k^T C^-1 k] = d_ff, so keeping lambda / d_ff is keeping the balance."""
 
 
 class MEMIT(Editor):
-    """MEMIT over `adapter.down_proj(l)` for l in `layers`; weights are edited in place."""
+    """MEMIT over `adapter.down_proj(l)` for l in `layers`; weights are edited in place.
+
+    `apply` is the batch loop of the module docstring; a method that keeps it and changes the closed form
+    (AlphaEdit) overrides `prepare` and `check_prepared`, `update`, `after_update` and `ledger_extra`."""
 
     name = "memit"
+    label = "MEMIT"
+    """The method's name in messages."""
     config_class = MEMITConfig
     supports_batch = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MEMITConfig, component: nn.Module | None = None):
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MultiLayerConfig,
+                 component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg)
         n = adapter.num_layers
         bad = [layer for layer in cfg.layers if not -n <= layer < n]
@@ -83,23 +84,25 @@ class MEMIT(Editor):
         self.layers = sorted({layer % n for layer in cfg.layers})
         self.param_names = [adapter.down_proj_name(layer) + ".weight" for layer in self.layers]
         """Names of the edited parameters relative to the adapter's base model, one per layer."""
-        self.solver = ValueSolverConfig(
-            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
-            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
-            context_templates=tuple(cfg.context_templates), position=cfg.position,
-            value_site="layer_output", key_site=None)
+        self.solver = cfg.value_solver(value_site="layer_output", key_site=None)
         self.second_moments: dict[int, torch.Tensor] = {}
         """layer -> C_l = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device)."""
 
     def prepare(self, corpus: list[str] | None = None) -> None:
         """Estimate every C_l over `corpus` with the unedited model (read from the statistics cache when there)."""
         if not corpus:
-            raise ValueError("MEMIT needs a corpus for its second-moment statistics: set data.corpus to a "
+            raise ValueError(f"{self.label} needs a corpus for its second-moment statistics: set data.corpus to a "
                              "text file, one passage a line")
         for layer in self.layers:
             c = editing_second_moment(self.model, self.tokenizer, self.adapter, layer, corpus, self.cfg.mom2_n_samples,
                                self.cfg.stats_batch_size, self.name)
             self.second_moments[layer] = c.to(device=self.device, dtype=torch.float64)
+
+    def check_prepared(self) -> None:
+        """Raise unless `prepare` has built what `update` needs."""
+        if not self.second_moments:
+            raise RuntimeError(f"{self.label}: call prepare(corpus) before the first edit (it estimates "
+                               "C_l = E[k k^T])")
 
     def weight(self, layer: int) -> nn.Parameter:
         return self.adapter.down_proj(layer).weight
@@ -118,9 +121,21 @@ class MEMIT(Editor):
                         position=self.cfg.position, subjects=[r.subject for r in records], site="layer_output")
         return h.T.double().to(self.device)
 
+    def update(self, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Delta_l = R K^T (lambda C_l + K K^T)^-1, [d_model, d_ff] (float64; Eq. 14), computed as
+        R (solve(lambda C_l + K K^T, K))^T."""
+        gram = self.cfg.mom2_update_weight * self.second_moments[layer] + keys @ keys.T
+        return residual @ torch.linalg.solve(gram, keys).T
+
+    def after_update(self, records: list) -> None:
+        """Called once a batch's update is written to every layer (timed with the edit). Default: nothing."""
+
+    def ledger_extra(self, records: list, norms: dict[str, float]) -> dict[str, Any]:
+        """`LedgerEntry.extra` of each entry of the batch `records`."""
+        return {"batch_size": len(records), "layers": self.layers, "delta_norm_per_layer": norms}
+
     def apply(self, records: list) -> list[LedgerEntry]:
-        if not self.second_moments:
-            raise RuntimeError("MEMIT: call prepare(corpus) before the first edit (it estimates C_l = E[k k^T])")
+        self.check_prepared()
         start = time.perf_counter()
         last = self.layers[-1]
         values = [compute_value(self.model, self.tokenizer, self.adapter, last, r, self.solver) for r in records]
@@ -130,15 +145,14 @@ class MEMIT(Editor):
         for j, layer in enumerate(self.layers):
             keys = self._keys(layer, records)                                # K, [d_ff, n]
             residual = (targets - self._outputs(records)) / (len(self.layers) - j)   # R, [d_model, n]
-            # Delta = R K^T (lambda C + K K^T)^-1, as R (solve(lambda C + K K^T, K))^T  (Eq. 14)
-            gram = self.cfg.mom2_update_weight * self.second_moments[layer] + keys @ keys.T
-            update = residual @ torch.linalg.solve(gram, keys).T            # [d_model, d_ff]
+            update = self.update(layer, keys, residual)                     # [d_model, d_ff]
             with torch.no_grad():
                 w = self.adapter.down_proj_weight(layer)
                 w.add_(update.to(w.dtype))
             name = self.param_names[j]
             norms[name] = float(update.norm())
             changed[name] = (update != 0).any(dim=1).nonzero().flatten().tolist()
+        self.after_update(records)
         seconds = time.perf_counter() - start
         after = teacher_forced(self.model, self.tokenizer, [r.prompt for r in records],
                                [r.target_new for r in records])
@@ -156,7 +170,7 @@ class MEMIT(Editor):
                 metrics_before={"target_nll": value.losses[0]["nll"]},
                 metrics_after={"target_nll": score.nll, "target_argmax": float(score.exact),
                                "value_nll": value.final_nll},
-                extra={"batch_size": len(records), "layers": self.layers, "delta_norm_per_layer": norms},
+                extra=self.ledger_extra(records, norms),
             )
             self.ledger.append(entry)
             entries.append(entry)
@@ -171,7 +185,7 @@ class MEMIT(Editor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tensors = state["tensors"]
         if set(tensors) != set(self.param_names):
-            raise ValueError(f"MEMIT edit state holds {sorted(tensors)}; this editor edits {self.param_names}")
+            raise ValueError(f"{self.label} edit state holds {sorted(tensors)}; this editor edits {self.param_names}")
         with torch.no_grad():
             for name, layer in zip(self.param_names, self.layers):
                 self.weight(layer).copy_(tensors[name])

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,12 +39,12 @@ from torch import Tensor, nn
 from lightning_edit.editors.base import Editor, LedgerEntry
 from lightning_edit.locate import (
     Site,
-    ValueSolverConfig,
     activations,
     compute_value,
     integrated_gradients,
     second_moment,
 )
+from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.sparse.splice import TranscoderMLP
 from lightning_edit.world import world_of
 from lightning_edit.metrics import target_positions, teacher_forced
@@ -54,7 +54,7 @@ UPDATES = ("ridge", "gradient")
 
 
 @dataclass
-class PNKEConfig:
+class PNKEConfig(ValueSolverFields):
     """PNKE's hyperparameters: the paper's (App. B, Alg. 4) where it gives them; ROME's for the value
     solver. Size-dependent values for the embedded world are in configs/pnke.yaml."""
 
@@ -114,22 +114,6 @@ class PNKEConfig:
     """Root of the statistics cache; None = the shared default (`locate.StatsCache`)."""
     stats_batch_size: int = 32
     """Texts per forward pass for the corpus statistics (speed only)."""
-    v_steps: int = 20
-    """Value-solver steps at most (ROME `v_num_grad_steps`)."""
-    v_lr: float = 0.5
-    """Value-solver Adam learning rate (ROME `v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
-    v_weight_decay: float = 0.5
-    """Norm penalty on the value delta (ROME `v_weight_decay`)."""
-    v_decay: str = "rome"
-    """Penalty form: "rome" = ||delta|| / ||h||^2, "relative_sq" = ||delta||^2 / ||h||^2."""
-    clamp_norm_factor: float = 4.0
-    """||delta|| <= clamp_norm_factor * ||h|| (ROME)."""
-    kl_factor: float = 0.0625
-    """Weight of the KL term keeping "{subject} is a" (ROME)."""
-    nll_threshold: float = 5e-2
-    """The value solver stops once the target NLL is below this (ROME's code)."""
-    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
-    """Prefixes the value must work in ("{}" = the prompt); the embedded worlds need ["{}"]."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("site", SITES), ("update", UPDATES),
@@ -202,11 +186,7 @@ class PNKE(Editor):
         else:
             self.site = "down_proj_input"
             self.param_name = adapter.down_proj_name(self.layer) + ".weight"
-        self.solver = ValueSolverConfig(
-            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
-            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
-            context_templates=tuple(cfg.context_templates), position=cfg.position,
-            value_site="mlp_output", key_site=None)
+        self.solver = cfg.value_solver(value_site="mlp_output", key_site=None)
         self.relation_templates: dict[str, list[str]] = {}
         """Relation id -> cloze templates with "{subject}", to fill P_sem up (from_config sets the world's)."""
         self.corpus_moment: Tensor | None = None

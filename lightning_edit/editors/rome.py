@@ -18,50 +18,32 @@ the update goes through `adapter.down_proj_weight`, a [d_model, d_ff] view of th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import ValueSolverConfig, compute_value, editing_second_moment
+from lightning_edit.locate import compute_value, editing_second_moment
+from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
 
 
 @dataclass
-class ROMEConfig:
+class ROMEConfig(ValueSolverFields):
     """ROME's hyperparameters; defaults are the paper's GPT-2 XL settings (`hparams/ROME/gpt2-xl.json`
     of the reference code). Size-dependent values for the embedded world are in configs/baselines/rome.yaml."""
 
     layer: int = 17
     """The edited layer (GPT-2 XL: 17 of 48, picked by causal tracing, Sec. 2 / Fig. 2); negative
     counts from the last layer. Size-dependent: set it per model."""
-    position: str = "subject_last"
-    """Key position: "subject_last" (the subject's last token, Sec. 3.1) or "last" (the prompt's)."""
     mom2_adjustment: bool = True
     """Use C^-1 k in the update (Eq. 2); False is the plain rank-one update along k (ROME's ablation)."""
     mom2_n_samples: int | None = 100000
     """Corpus texts the second moment C is estimated from (ROME: 100,000 Wikipedia texts); None = all."""
     stats_batch_size: int = 32
     """Texts per forward pass while C is estimated (speed only; not in the paper)."""
-    v_steps: int = 20
-    """Value-solver steps at most (`v_num_grad_steps`, Eq. 4)."""
-    v_lr: float = 0.5
-    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
-    v_weight_decay: float = 0.5
-    """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
-    v_decay: str = "rome"
-    """Penalty form: "rome" = ||delta|| / ||h||^2 as the reference code, "relative_sq" = ||delta||^2 / ||h||^2."""
-    clamp_norm_factor: float = 4.0
-    """||delta|| <= clamp_norm_factor * ||h|| (`clamp_norm_factor`)."""
-    kl_factor: float = 0.0625
-    """Weight of the KL term that keeps "{subject} is a" (essence drift, Eq. 4's second term)."""
-    nll_threshold: float = 5e-2
-    """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
-    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
-    """Prefixes the key is averaged over and the value must work in ("{}" = the prompt itself; ROME
-    samples short continuations from the model, fixed prefixes keep the edit deterministic)."""
 
 
 class ROME(Editor):
@@ -79,11 +61,7 @@ class ROME(Editor):
         self.layer = cfg.layer % n
         self.param_name = adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
-        self.solver = ValueSolverConfig(
-            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
-            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
-            context_templates=tuple(cfg.context_templates), position=cfg.position,
-            value_site="mlp_output", key_site="down_proj_input")
+        self.solver = cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
         self.second_moment: torch.Tensor | None = None
         """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,14 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import Site, ValueSolverConfig, activations, compute_value, second_moment
+from lightning_edit.locate import Site, activations, compute_value, second_moment
+from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.sparse.splice import TranscoderMLP
 from lightning_edit.world import world_of
 from lightning_edit.metrics import teacher_forced
 
 
 @dataclass
-class TCPEConfig:
+class TCPEConfig(ValueSolverFields):
     """TCPE's hyperparameters. The poster gives Eq. 1 and defers the rest to ROME, so the value solver
     and statistics defaults are ROME's (GPT-2 XL, `hparams/ROME/gpt2-xl.json`); size-dependent values
     for the embedded world are in configs/tcpe.yaml. The edited layer is the transcoder's hookpoint
@@ -53,8 +54,6 @@ class TCPEConfig:
     """When `lim` drops active latents, divide by u_S . k*_S instead of u . k* (u = C^-1 k*), so W' k* = v*
     still holds. The poster does not say; without it a cap leaves the edit short (0/30 edits flipped
     at lim 8 on toyworld)."""
-    position: str = "subject_last"
-    """Key position: the subject's last token (ROME Sec. 3.1, TCPE), or "last" (the prompt's)."""
     mom2_n_samples: int | None = 100000
     """Corpus texts C = E[z z^T] is estimated from (ROME: 100,000 Wikipedia texts); None = all."""
     mom2_ridge: float = 1e-6
@@ -64,22 +63,6 @@ class TCPEConfig:
     """Root of the statistics cache; None = the shared default (`locate.StatsCache`)."""
     stats_batch_size: int = 32
     """Texts per forward pass while C is estimated (speed only)."""
-    v_steps: int = 20
-    """Value-solver steps at most (ROME `v_num_grad_steps`, Eq. 4)."""
-    v_lr: float = 0.5
-    """Value-solver Adam learning rate (ROME `v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
-    v_weight_decay: float = 0.5
-    """Weight of the norm penalty on the value delta (ROME `v_weight_decay`)."""
-    v_decay: str = "rome"
-    """Penalty form: "rome" = ||delta|| / ||h||^2 as ROME's code, "relative_sq" = ||delta||^2 / ||h||^2."""
-    clamp_norm_factor: float = 4.0
-    """||delta|| <= clamp_norm_factor * ||h|| (ROME `clamp_norm_factor`)."""
-    kl_factor: float = 0.0625
-    """Weight of the KL term keeping "{subject} is a" (ROME `kl_factor`, Eq. 4)."""
-    nll_threshold: float = 5e-2
-    """The value solver stops once the target NLL is below this (ROME's code: 5e-2)."""
-    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
-    """Prefixes the value must work in ("{}" = the prompt); the embedded worlds need ["{}"]."""
 
 
 class TCPE(Editor):
@@ -100,11 +83,7 @@ class TCPE(Editor):
         self.coder.requires_grad_(False)
         self.splice = TranscoderMLP(self.coder)
         self.latent_site = Site(f"{hookpoint}.latents", "output")
-        self.solver = ValueSolverConfig(
-            steps=cfg.v_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay, decay=cfg.v_decay,
-            clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, nll_threshold=cfg.nll_threshold,
-            context_templates=tuple(cfg.context_templates), position=cfg.position,
-            value_site="mlp_output", key_site=None)
+        self.solver = cfg.value_solver(value_site="mlp_output", key_site=None)
         self.c_inv: Tensor | None = None
         """(C + ridge)^-1 [n, n] float64 on the model's device, from `prepare`."""
         self._base_rows: dict[int, Tensor] = {}

@@ -96,6 +96,44 @@ class ValueSolverConfig:
 
 
 @dataclass
+class ValueSolverFields:
+    """The value solver's hyperparameters as fields of an editor's config (ROME, MEMIT, AlphaEdit, TCPE,
+    PNKE), named as the reference code names them (`v_*`); defaults are ROME's (GPT-2 XL,
+    `hparams/ROME/gpt2-xl.json`). A method whose paper sets other values overrides the field."""
+
+    position: str = "subject_last"
+    """Key position: "subject_last" (the subject's last token: ROME Sec. 3.1, MEMIT Sec. 4.3) or "last"
+    (the prompt's)."""
+    v_steps: int = 20
+    """Value-solver steps at most (the reference code's `v_num_grad_steps`; ROME Eq. 4)."""
+    v_lr: float = 0.5
+    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    v_weight_decay: float = 0.5
+    """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
+    v_decay: str = "rome"
+    """Penalty form: "rome" = ||delta|| / ||h||^2 as the reference code, "relative_sq" = ||delta||^2 / ||h||^2."""
+    clamp_norm_factor: float = 4.0
+    """||delta|| <= clamp_norm_factor * ||h||, h the MLP output at the key position (`clamp_norm_factor`)."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term that keeps "{subject} is a" (essence drift; `kl_factor`, ROME Eq. 4's second
+    term)."""
+    nll_threshold: float = 5e-2
+    """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
+    context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
+    """Prefixes the value must work in, and that ROME, MEMIT and AlphaEdit average their keys over ("{}" =
+    the prompt itself; the reference code samples short continuations from the model, fixed prefixes keep
+    the edit deterministic). The embedded worlds need ["{}"]."""
+
+    def value_solver(self, value_site: SiteSpec, key_site: SiteSpec | None) -> ValueSolverConfig:
+        """The solver these fields describe, adding its delta at `value_site` and reading keys at `key_site`."""
+        return ValueSolverConfig(
+            steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay, decay=self.v_decay,
+            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, nll_threshold=self.nll_threshold,
+            context_templates=tuple(self.context_templates), position=self.position,
+            value_site=value_site, key_site=key_site)
+
+
+@dataclass
 class ValueResult:
     """What the solver found for one edit (tensors float32 on the model's device, detached)."""
 

@@ -19,7 +19,7 @@ DEFAULT_CONFIG = "transcoder.yaml"
 @dataclass
 class TranscoderJobConfig(SparseJobConfig):
     mode: str = "transcoder"
-    hookpoints: list[str] = field(default_factory=lambda: ["layers.2.mlp"])
+    hookpoints: list[str] = field(default_factory=lambda: ["layers.0.mlp"])
 
 
 SCHEMA = TranscoderJobConfig

@@ -1,11 +1,13 @@
 """What the callbacks share: the edit count T, when a checkpoint is crossed, logging with step = T,
-and the folder plots and tables go to (beside the CSV log)."""
+the folder plots and tables go to (beside the CSV log), and evaluating at checkpoints of T."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from lightning import Callback
 
 
 def edit_count(pl_module: Any) -> int:
@@ -57,3 +59,34 @@ def wandb_loggers(trainer: Any) -> list:
     from lightning.pytorch.loggers import WandbLogger
 
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class CheckpointEval(Callback):
+    """A callback that evaluates the edited model when T reaches each of `at` (and the stream's end
+    with `at_end`, also when a run stops early), once per T. Subclasses set `at`, `at_end` and
+    `history` (rows with a "T") and define `evaluate(trainer, pl_module)`."""
+
+    at: list[int]
+    at_end: bool
+    history: list[dict[str, Any]]
+
+    @property
+    def done(self) -> set[int]:
+        return {int(row["T"]) for row in self.history}
+
+    def evaluate(self, trainer, pl_module) -> Any:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        t = edit_count(pl_module)
+        end = self.at_end and t == stream_length(trainer, pl_module)
+        if (crossed(self.at, t, len(batch)) or end) and t not in self.done:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A run stopped early (max_steps) still gets its last state scored.
+        t = edit_count(pl_module)
+        if trainer.is_global_zero and self.at_end and t > 0 and t not in self.done:
+            self.evaluate(trainer, pl_module)

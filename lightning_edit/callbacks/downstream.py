@@ -11,15 +11,14 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_edit.downstream import DownstreamSuite, TaskScore, editor_fingerprint
 
-from .common import crossed, edit_count, log_metrics, stream_length
+from .common import CheckpointEval, edit_count, log_metrics
 
 
-class DownstreamEval(Callback):
+class DownstreamEval(CheckpointEval):
     """Evaluate `suite` before the first edit (the baseline) and when T reaches each of `at`
     (and the stream's end with `at_end`), inside `pl_module.editor.edited()`."""
 
@@ -31,10 +30,6 @@ class DownstreamEval(Callback):
         self.history: list[dict[str, Any]] = []
         """One row per evaluation: {"T": t, "<task>": score, "<task>_seconds": s, ...}."""
 
-    @property
-    def done(self) -> set[int]:
-        return {row["T"] for row in self.history}
-
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
@@ -44,20 +39,6 @@ class DownstreamEval(Callback):
         elif not self.baseline:
             rank_zero_warn(f"DownstreamEval: the run starts at T={t} with no T=0 baseline in its checkpoint; "
                            "downstream/<task>_delta will not be logged")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
-            return
-        t = edit_count(pl_module)
-        end = self.at_end and t == stream_length(trainer, pl_module)
-        if (crossed(self.at, t, len(batch)) or end) and t not in self.done:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # A run stopped early (max_steps) still gets its last state scored.
-        t = edit_count(pl_module)
-        if trainer.is_global_zero and self.at_end and t > 0 and t not in self.done:
-            self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer, pl_module) -> dict[str, TaskScore]:
         """Score every task on the model as edited now; log and keep the row."""

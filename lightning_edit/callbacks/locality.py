@@ -13,15 +13,14 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_edit.downstream import LocalityReference, capture_reference, compare, held_out_prompts
 
-from .common import crossed, edit_count, log_metrics, stream_length, stream_records
+from .common import CheckpointEval, edit_count, log_metrics, stream_records
 
 
-class LocalityEval(Callback):
+class LocalityEval(CheckpointEval):
     """prompts: the held-out prompts as given; else `n_prompts` lines of `candidates` (seeded) that
     mention no subject of the stream."""
 
@@ -60,25 +59,8 @@ class LocalityEval(Callback):
         self.reference = capture_reference(editor.model, editor.tokenizer, prompts, self.batch_size, self.topk,
                                            self.max_reference_elements)
 
-    @property
-    def done(self) -> set[int]:
-        return {int(row["T"]) for row in self.history}
-
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and edit_count(pl_module) == 0 and 0 not in self.done:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
-            return
-        t = edit_count(pl_module)
-        end = self.at_end and t == stream_length(trainer, pl_module)
-        if (crossed(self.at, t, len(batch)) or end) and t not in self.done:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        t = edit_count(pl_module)
-        if trainer.is_global_zero and self.at_end and t > 0 and t not in self.done:
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer, pl_module) -> dict[str, float] | None:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, LedgerEntry, greedy_generate
 from lightning_edit.metrics import target_positions
 
 VAL_INITS = ("cold", "warm")
@@ -101,10 +101,7 @@ class Grace(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: GraceConfig, component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg, component)
-        n = adapter.num_layers
-        if not -n <= cfg.layer < n:
-            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        self.layer = cfg.layer % n
+        self.layer = self.resolve_layer(cfg.layer)
         self.hookpoint = adapter.down_proj_name(self.layer)
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size
         device = self.device
@@ -150,22 +147,11 @@ class Grace(Editor):
         with self.adapter.hooks({self.hookpoint: self._hook(lambda: self.values)}):
             yield self.model
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 8, **kwargs) -> list[str]:
         """Greedy continuations with the codebook active (no KV cache under "replace_after")."""
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            batch = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
-        finally:
-            tok.padding_side = side
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", tok.pad_token_id)
         if self.cfg.replacement == "replace_after":
             kwargs.setdefault("use_cache", False)
-        with self.edited() as model:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
-        return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy_generate(self.edited(), self.tokenizer, prompts, max_new_tokens, self.device, **kwargs)
 
     # --- editing ----------------------------------------------------------------------------------
 

@@ -197,12 +197,8 @@ class MENT(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MENTConfig, component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg, component)
-        n = adapter.num_layers
-        layers = list(range(n)) if cfg.layers is None else list(cfg.layers)
-        for layer in layers:
-            if not -n <= layer < n:
-                raise ValueError(f"editor.layers holds {layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        self.layers = sorted({layer % n for layer in layers})
+        layers = list(range(adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
+        self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
         self.patches: list[Patch] = []
         self._pinv: Tensor | None = None  # [d_model, vocab], computed on first use
         for p in model.parameters():

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, HeldRouting, LedgerEntry
 from lightning_edit.editors.gates import (
     GATES,
     UNITS,
@@ -235,7 +235,7 @@ class _Undo:
     live: bool = True
 
 
-class MicroEdit(Editor):
+class MicroEdit(HeldRouting, Editor):
     """MicroEdit behind the `Editor` interface. `component` is the TopKSparseCoder (SAE) at the
     hookpoint; the LM and the SAE encoder are never changed, only `component.W_dec` rows."""
 
@@ -570,18 +570,11 @@ class MicroEdit(Editor):
 
     def _valid_for(self, hidden: Tensor) -> Tensor:
         """[B, S] real tokens of the current forward, from the ids / mask the model was called with."""
-        B, S = hidden.shape[:2]
-        valid = torch.ones(B, S, dtype=torch.bool, device=hidden.device)
-        mask, ids = self._batch.get("attention_mask"), self._batch.get("input_ids")
-        if mask is not None and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= S:
-            valid &= mask[:, -S:].to(device=hidden.device).bool()
-        if ids is not None and ids.shape == (B, S):
-            valid &= self._not_special(ids.to(hidden.device))
+        valid = self._attended(hidden)
+        ids = self._batch.get("input_ids")
+        if ids is not None and ids.shape == hidden.shape[:2]:
+            valid = valid & self._not_special(ids.to(hidden.device))
         return valid
-
-    def _capture_inputs(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
-        self._batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
 
     def _gate_hook(self, gate: ScopeGate):
         def hook(module, args, output):
@@ -610,30 +603,8 @@ class MicroEdit(Editor):
         a sequence gate, decide on the prompt and keep that decision for the generated tokens.
         """
         gate = gate if isinstance(gate, ScopeGate) else self.make_gate(gate)
-        handle = self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
-        self._hold, self._held = hold, None
-        try:
-            with self.adapter.hooks({self.hookpoint: self._gate_hook(gate)}):
-                yield self.model
-        finally:
-            handle.remove()
-            self._batch, self._hold, self._held = {}, False, None
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 8, **kwargs) -> list[str]:
-        """Greedy continuation of each prompt by the edited model (the gate decides on the prompt)."""
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            batch = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
-        finally:
-            tok.padding_side = side
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        with self.edited(hold=True) as model:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
-        return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        with self._routing({self.hookpoint: self._gate_hook(gate)}, hold) as model:
+            yield model
 
     # --- statistics for gates and diagnostics ---------------------------------------------------
 

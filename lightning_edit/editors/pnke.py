@@ -163,10 +163,7 @@ class PNKE(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: PNKEConfig, component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg, component)
-        n = adapter.num_layers
-        if not -n <= cfg.layer < n:
-            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        self.layer = cfg.layer % n
+        self.layer = self.resolve_layer(cfg.layer)
         for p in model.parameters():
             p.requires_grad_(False)
         self.coder = None

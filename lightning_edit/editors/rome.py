@@ -55,10 +55,7 @@ class ROME(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: ROMEConfig, component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg)
-        n = adapter.num_layers
-        if not -n <= cfg.layer < n:
-            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        self.layer = cfg.layer % n
+        self.layer = self.resolve_layer(cfg.layer)
         self.param_name = adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
         self.solver = cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
 from lightning_edit.editors import editor_class
-from lightning_edit.editors.base import Editor
+from lightning_edit.editors.base import Editor, greedy_generate
 
 FORMAT_VERSION = 1
 TENSOR_KEY = "__tensor__"
@@ -219,13 +219,4 @@ def generate(editor: Editor, prompts: list[str], max_new_tokens: int = 8) -> lis
     own = getattr(editor, "generate", None)
     if own is not None:
         return own(prompts, max_new_tokens=max_new_tokens)
-    tokenizer = editor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continue at the right end
-    try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(editor.device)
-    finally:
-        tokenizer.padding_side = side
-    with torch.no_grad(), editor.edited() as model:
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return greedy_generate(editor.edited(), editor.tokenizer, prompts, max_new_tokens, editor.device)

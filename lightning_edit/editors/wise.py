@@ -43,16 +43,15 @@ Choices made here (also at the config fields):
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, HeldRouting, LedgerEntry
 from lightning_edit.locate import encode_prompt
 from lightning_edit.locate.positions import subject_span, token_ending_at
 from lightning_edit.metrics import target_positions
@@ -158,7 +157,7 @@ def linear_merge(deltas: list[Tensor], weights: list[float]) -> Tensor:
     return (torch.stack(deltas) * w).sum(dim=0) / w.sum()
 
 
-class Wise(Editor):
+class Wise(HeldRouting, Editor):
     """WISE-Merge side memory at `adapter.down_proj(layer)`; the base weights are never changed."""
 
     name = "wise"
@@ -166,10 +165,7 @@ class Wise(Editor):
 
     def __init__(self, model: nn.Module, tokenizer, adapter, cfg: WiseConfig, component: nn.Module | None = None):
         super().__init__(model, tokenizer, adapter, cfg, component)
-        n = adapter.num_layers
-        if not -n <= cfg.layer < n:
-            raise ValueError(f"editor.layer is {cfg.layer}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        self.layer = cfg.layer % n
+        self.layer = self.resolve_layer(cfg.layer)
         self.hookpoint = adapter.down_proj_name(self.layer)
         self.shape = tuple(adapter.down_proj_weight(self.layer).shape)  # [d_model, d_ff]
         self.side: Tensor | None = None
@@ -211,11 +207,7 @@ class Wise(Editor):
 
     def _valid(self, x: Tensor) -> Tensor:
         """[B, S] real tokens of the current forward (from the attention mask it was called with)."""
-        B, S = x.shape[:2]
-        mask = self._batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= S:
-            return mask[:, -S:].to(x.device).bool()
-        return torch.ones(B, S, dtype=torch.bool, device=x.device)
+        return self._attended(x)
 
     @staticmethod
     def _score(change: Tensor, valid: Tensor) -> Tensor:
@@ -243,36 +235,11 @@ class Wise(Editor):
             change = torch.stack(changes, dim=1)[torch.arange(x.shape[0], device=x.device), which]
             return output + change * routed.view(-1, 1, 1).to(change.dtype)
 
-    def _capture_inputs(self, module, args, kwargs):
-        self._batch = {"attention_mask": kwargs.get("attention_mask")}
-
-    @contextlib.contextmanager
-    def edited(self, hold: bool = False) -> Iterator[nn.Module]:
+    def edited(self, hold: bool = False) -> ContextManager[nn.Module]:
         """The model with the router at the layer's down projection; `hold` keeps each sequence's
-        routing decision from its prompt for the tokens generated after it (cached generation)."""
-        handle = self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)
-        self._hold, self._held = hold, None
-        try:
-            with self.adapter.hooks({self.hookpoint: self._route_hook}):
-                yield self.model
-        finally:
-            handle.remove()
-            self._batch, self._hold, self._held = {}, False, None
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 8, **kwargs) -> list[str]:
-        """Greedy continuations; each prompt is routed once, on the prompt."""
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            batch = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
-        finally:
-            tok.padding_side = side
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        with self.edited(hold=True) as model:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
-        return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        routing decision from its prompt for the tokens generated after it (cached generation,
+        `generate`: each prompt is routed once, on the prompt)."""
+        return self._routing({self.hookpoint: self._route_hook}, hold)
 
     @torch.no_grad()
     def activation_scores(self, texts: Sequence[str]) -> Tensor:

@@ -9,6 +9,7 @@ Rebuilds the editor from a saved edit state onto a fresh copy of its base model
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +38,8 @@ class GenerateConfig:
 SCHEMA = GenerateConfig
 
 
-def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
-    import torch
-
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continue at the right end
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def run(cfg: DictConfig) -> int:
+    from lightning_edit.editors.base import greedy_generate
     from lightning_edit.editors.state import generate, load_edited
     from lightning_edit.models import load_model
 
@@ -72,7 +60,8 @@ def run(cfg: DictConfig) -> int:
     base = None
     if cfg.compare:  # a second, untouched copy of the base model
         base_model, _ = load_model(editor.model_name, device=cfg.device)
-        base = _greedy(base_model, tokenizer, prompts, cfg.max_new_tokens, cfg.device)
+        base = greedy_generate(contextlib.nullcontext(base_model), tokenizer, prompts, cfg.max_new_tokens,
+                               cfg.device)
     print(f"edited model: {editor.name} with {len(editor.ledger)} edits ({state})")
     for i, prompt in enumerate(prompts):
         print(f"> {prompt}\n  edited: {edited[i].strip()}")

@@ -145,26 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     rss_at: dict[int, float] = {}
     probe_at: dict[int, tuple[list[float], list[int]]] = {}
 
-    def run_probes() -> tuple[list[float], list[int]]:
-        times, probe_steps = [], []
-        for record in probes:
-            begin = time.perf_counter()
-            entries = editor.apply([record])
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
-            probe_steps.append(sum(e.steps for e in entries))
-            for entry in entries:
-                editor.rollback(entry.edit_id)
-        return times, probe_steps
-    loop_start = time.perf_counter()
-    for t, record in enumerate(records, start=1):
+    def timed_apply(record) -> tuple[float, int, list]:
+        """(seconds, optimisation steps, ledger entries) of one `editor.apply`."""
         begin = time.perf_counter()
         entries = editor.apply([record])
         if cuda:
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - begin)
-        steps.append(sum(e.steps for e in entries))
+        return time.perf_counter() - begin, sum(e.steps for e in entries), entries
+
+    def run_probes() -> tuple[list[float], list[int]]:
+        times, probe_steps = [], []
+        for record in probes:
+            took, n_steps, entries = timed_apply(record)
+            times.append(took)
+            probe_steps.append(n_steps)
+            for entry in entries:
+                editor.rollback(entry.edit_id)
+        return times, probe_steps
+
+    loop_start = time.perf_counter()
+    for t, record in enumerate(records, start=1):
+        took, n_steps, _ = timed_apply(record)
+        seconds.append(took)
+        steps.append(n_steps)
         if t in checkpoints:
             rss_at[t] = rss_mib()
             if probes:

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") if args.methods else list(EDITORS)
+    unknown = [m for m in methods if m not in EDITORS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; registered: {', '.join(EDITORS)}")
     lines = [f"Single edits on `{args.model}`: each of the first {args.n} records of the CounterFact stream "
              f"(order seed {args.order_seed}) applied alone to the unedited model.", "",
              "| method | edits | target is argmax | Rel (token acc.) | Gen (token acc.) | s/edit |",

@@ -87,7 +87,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int
         if bad:
             print(f"error: calibrate takes key=value arguments; got {bad[0]!r}", file=sys.stderr)
             return 2
-        return calibrate_main(args.overrides)
+        try:
+            return calibrate_main(args.overrides)
+        except (FileNotFoundError, ValueError) as exc:  # a missing state, an unknown option: nothing written
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "world":
         from lightning_edit.world import build_world
 

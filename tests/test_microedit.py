@@ -238,6 +238,8 @@ def test_calibrate_command_on_a_saved_state(small_world, small_sae, records, tmp
     assert 0.0 <= tau <= 1.0  # a Jaccard threshold
     assert {"report.json", "summary.md", "ard_diagnostics.png"} <= {p.name for p in out.iterdir()}
     assert main(["calibrate", "oops"]) == 2
+    assert main(["calibrate", f"state={tmp_path / 'missing'}", f"out={tmp_path / 'none'}"]) == 2
+    assert "not an edit state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()
     capsys.readouterr()
     with pytest.raises(SystemExit):  # `lightning calibrate --help` is ours, not lightning-sdk's
         lightning_main(["calibrate", "--help"])

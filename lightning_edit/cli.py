@@ -54,8 +54,11 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     calibrate.add_argument("overrides", nargs="*", metavar="key=value")
-    world = sub.add_parser("world", help="build or inspect the embedded default world")
-    world.add_argument("--name", default="toyworld", help="toyworld (default) or toyworld-small")
+    from lightning_edit.world import WORLD_NAMES
+
+    world = sub.add_parser("world", help="build or inspect an embedded world")
+    world.add_argument("--name", default="toyworld", choices=WORLD_NAMES,
+                       help="the world (default toyworld; toyworld-gpt2 is a GPT-2 world of companies)")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--force", action="store_true", help="rebuild even when cached")
     return parser

@@ -32,7 +32,8 @@ class ModelConfig:
     """Which causal LM to load, and how."""
 
     name: str = "toyworld"
-    """HF hub id, local HF directory, or an embedded world name (`toyworld`, `toyworld-small`)."""
+    """HF hub id, local HF directory, or an embedded world name (`toyworld`, `toyworld-small`,
+    `toyworld-gpt2`, `toyworld-gpt2-small`)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     device: str = "auto"

@@ -15,6 +15,15 @@ def small_world():
 
 
 @pytest.fixture(scope="session")
+def gpt2_world():
+    """The second embedded test world `toyworld-gpt2-small` (a tiny GPT-2, a byte-level BPE, companies
+    with multi-token objects), built on first use and cached like `small_world`."""
+    from lightning_edit.world import load_world
+
+    return load_world("toyworld-gpt2-small")
+
+
+@pytest.fixture(scope="session")
 def small_sae(small_world, tmp_path_factory):
     """A top-k SAE (k 16, 512 latents) on `layers.0` of the small world, trained here for a few
     seconds of CPU on the world corpus's activations; saved in the sparsify layout.

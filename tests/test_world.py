@@ -17,7 +17,15 @@ from lightning_edit.world import (
     world_dir,
 )
 from lightning_edit.world.export import corpus_sentences, export_datasets
-from lightning_edit.world.spec import ModelShape, TrainRecipe
+from lightning_edit.world.spec import (
+    ByteLevelBPE,
+    CompanyShape,
+    GPT2Shape,
+    ModelShape,
+    TrainRecipe,
+    WordLevelTokenizer,
+    WorldShape,
+)
 from lightning_edit.world.tokenizer import train_tokenizer
 
 SMALL = SPECS["toyworld-small"]
@@ -37,14 +45,19 @@ def test_kb_deterministic_per_seed():
 @pytest.mark.parametrize("name", WORLD_NAMES)
 def test_kb_shape(name):
     spec = SPECS[name]
-    kb = KnowledgeBase.generate(0, **asdict(spec.world))
-    assert len(kb.relations) >= 5 and len(set(kb.subjects)) == len(kb.subjects) == spec.world.n_subjects
+    kb = spec.world.generate(0)
+    assert kb == spec.world.generate(0) and kb.to_json() != spec.world.generate(1).to_json()
+    assert len(kb.relations) >= 4 and len(set(kb.subjects)) == len(kb.subjects) == spec.world.n_subjects
     assert len(kb.facts) == len(kb.subjects) * len(kb.relations)
     objects = [o for r in kb.relations for o in r.objects]
-    assert len(objects) == len(set(objects)), "an object word belongs to two relations"
+    assert len(objects) == len(set(objects)), "an object belongs to two relations"
+    words = [w for s in kb.subjects for w in s.split()]
+    assert not set(words) & {w for o in objects for w in o.split()}, "a subject's word is also an object's"
     for rel in kb.relations:
         assert len(rel.templates) >= 3 and all(t.count("{subject}") == 1 for t in rel.templates)
-        assert all(" " not in o for o in rel.objects)
+        assert "{subject}" in rel.essence
+        if isinstance(spec.tokenizer, WordLevelTokenizer):  # one token per object: one word
+            assert all(" " not in o for o in rel.objects)
     for fact in kb.facts:
         assert fact.object in kb.relation(fact.relation).objects
         assert kb.train_templates[(fact.subject, fact.relation)], "a fact with no trained template"
@@ -177,16 +190,26 @@ def test_exports_deterministic(small_world, tmp_path):
 
 
 # ----- training determinism ------------------------------------------------------------------------
-def test_training_steps_deterministic(tmp_path):
+TINY = {
+    "llama": (WorldShape(n_subjects=20, n_relations=2, n_objects=6), WordLevelTokenizer(),
+              ModelShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64), TrainRecipe(batch_size=16, warmup_steps=2)),
+    "gpt2": (CompanyShape(n_subjects=20, n_relations=2, n_objects=6), ByteLevelBPE(vocab_size=400),
+             GPT2Shape(n_embd=32, n_layer=1, n_head=2, n_inner=64, n_positions=64),
+             TrainRecipe(batch_size=16, warmup_steps=2, length_buckets=2)),
+}
+"""A few-second world of each kind: (knowledge, tokenizer, model, recipe)."""
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_training_steps_deterministic(kind):
     """Model weights: a few Lightning steps from the same seed give identical weights (a full
     second training run is too slow for the suite)."""
     from lightning_edit.world.train import train_world_model
 
-    kb = KnowledgeBase.generate(0, n_subjects=20, n_relations=2, n_objects=6)
-    tok = train_tokenizer(corpus_sentences(kb, 0) + kb.vocabulary_words(), 64)
-    shape = ModelShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       max_position_embeddings=64)
-    recipe = TrainRecipe(batch_size=16, warmup_steps=2)
+    world, tokenizer, shape, recipe = TINY[kind]
+    kb = world.generate(0)
+    tok = tokenizer.train(kb, corpus_sentences(kb, 0), 64)
 
     def weights(seed):
         result = train_world_model(kb, tok, shape, recipe, seed, max_steps=3, progress=False)
@@ -196,6 +219,19 @@ def test_training_steps_deterministic(tmp_path):
     a, b, c = weights(0), weights(0), weights(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_length_buckets_cover_every_row_once_and_trim_padding():
+    from lightning_edit.world.train import LengthBuckets, trim_padding
+
+    lengths = [3, 9, 4, 7, 2, 8, 5, 6, 1, 9, 3]
+    sampler = LengthBuckets(lengths, batch_size=3, chunk_batches=2, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4 and sorted(i for b in batches for i in b) == list(range(11))
+    assert list(sampler) != batches  # a new order every epoch
+    rows = [(torch.arange(9), (torch.arange(9) < n).long(), torch.zeros(9, dtype=torch.bool)) for n in (2, 5)]
+    ids, mask, obj = trim_padding(rows)
+    assert ids.shape == mask.shape == obj.shape == (2, 5) and mask.sum().item() == 7
 
 
 # ----- cache and resolution ------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class DownstreamSuite:
         if name == WORLD_TASK:
             if world_mc_dir is None or not (Path(world_mc_dir) / f"{WORLD_TASK}.yaml").is_file():
                 raise DownstreamDataError(f"downstream task '{WORLD_TASK}' needs an embedded world "
-                                          f"(model.name=toyworld or toyworld-small); its task YAML was not found "
+                                          f"(model.name=toyworld, toyworld-gpt2, ...); its task YAML was not found "
                                           f"in {world_mc_dir}")
             self.include_paths.append(Path(world_mc_dir))
             return ResolvedTask(name, "lm_eval", (WORLD_TASK,), source="world")

@@ -1,8 +1,13 @@
-"""The embedded default world: a synthetic knowledge base, a word-level tokenizer and a tiny Llama
-trained on it with Lightning, plus ZsRE / CounterFact / corpus / multiple-choice exports.
+"""The embedded worlds: a synthetic knowledge base, a tokenizer and a tiny LM trained on it with
+Lightning, plus ZsRE / CounterFact / corpus / multiple-choice exports.
 
-`model.name=toyworld` resolves here (`resolve_model_path`) so the framework runs offline through the
-same code path as for a real HF model and real data. Worlds are built on first use and cached.
+- `toyworld` (default; `toyworld-small` for tests): people, a word-level tokenizer, a tiny Llama.
+- `toyworld-gpt2` (`toyworld-gpt2-small`): companies, multi-token objects, a byte-level BPE, a tiny
+  GPT-2 of another width and depth.
+
+A world is a `WorldSpec` (spec.py); one builder builds every spec. `model.name=toyworld` resolves
+here (`resolve_model_path`) so the framework runs offline through the same code path as for a real
+HF model and real data. Worlds are built on first use and cached.
 """
 
 from .build import (
@@ -18,10 +23,22 @@ from .build import (
     world_of,
 )
 from .knowledge import ESSENCE_TEMPLATE, Fact, KnowledgeBase, Relation
-from .spec import FORMAT_VERSION, SPECS, ModelShape, TrainRecipe, WorldShape, WorldSpec
+from .spec import (
+    FORMAT_VERSION,
+    SPECS,
+    ByteLevelBPE,
+    CompanyShape,
+    GPT2Shape,
+    ModelShape,
+    TrainRecipe,
+    WordLevelTokenizer,
+    WorldShape,
+    WorldSpec,
+)
 
 __all__ = [
-    "CACHE_ENV", "ESSENCE_TEMPLATE", "FORMAT_VERSION", "SPECS", "WORLD_NAMES", "Fact", "KnowledgeBase",
-    "ModelShape", "Relation", "TrainRecipe", "World", "WorldBuildError", "WorldShape", "WorldSpec",
+    "CACHE_ENV", "ESSENCE_TEMPLATE", "FORMAT_VERSION", "SPECS", "WORLD_NAMES", "ByteLevelBPE", "CompanyShape",
+    "Fact", "GPT2Shape", "KnowledgeBase", "ModelShape", "Relation", "TrainRecipe", "WordLevelTokenizer", "World",
+    "WorldBuildError", "WorldShape", "WorldSpec",
     "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_of",
 ]

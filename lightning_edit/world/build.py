@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 from .knowledge import KnowledgeBase
 from .spec import FORMAT_VERSION, SPECS, WorldSpec
 
-WORLD_NAMES: tuple[str, ...] = ("toyworld", "toyworld-small")
+WORLD_NAMES: tuple[str, ...] = tuple(SPECS)
 CACHE_ENV = "LIGHTNING_EDIT_CACHE"
 
 
@@ -111,21 +111,20 @@ def _build_into(out: Path, final: Path, name: str, seed: int, progress: bool) ->
     """Everything a world holds, written under `out` (which will be renamed to `final`)."""
     # Heavy imports only when a world is really built; opening a cached one stays cheap.
     from .export import corpus_sentences, export_datasets
-    from .tokenizer import check_single_tokens, save_tokenizer, train_tokenizer
+    from .tokenizer import save_tokenizer
     from .train import object_accuracy, train_world_model
 
     spec = _spec(name)
     start = time.perf_counter()
-    kb = KnowledgeBase.generate(seed, **asdict(spec.world))
+    kb = spec.world.generate(seed)
     (out / "world.json").write_text(json.dumps(kb.to_json(), indent=1, ensure_ascii=False) + "\n")
     export_datasets(kb, out / "data", seed, final_data_dir=final / "data")
 
-    tokenizer = train_tokenizer(corpus_sentences(kb, seed) + kb.vocabulary_words(),
-                                model_max_length=spec.model.max_position_embeddings)
-    for rel in kb.relations:
-        check_single_tokens(tokenizer, rel.objects)
+    tokenizer = spec.tokenizer.train(kb, corpus_sentences(kb, seed), model_max_length=spec.model.max_length)
+    spec.tokenizer.check(tokenizer, kb)
 
-    _say(f"training the {name} model ({len(kb.facts)} facts x {spec.world.n_templates} templates) ...")
+    n_prompts = sum(len(kb.prompts(f)) for f in kb.facts)
+    _say(f"training the {name} model ({len(kb.facts)} facts, {n_prompts} fact prompts) ...")
     result = train_world_model(kb, tokenizer, spec.model, spec.train, seed, log_dir=out / "logs", progress=progress)
     acc = object_accuracy(result.model, tokenizer, kb)
     if acc["accuracy"] < spec.train.required_accuracy:
@@ -154,16 +153,29 @@ def _build_into(out: Path, final: Path, name: str, seed: int, progress: bool) ->
             "n_subjects": len(kb.subjects),
             "n_relations": len(kb.relations),
             "n_facts": len(kb.facts),
-            "n_templates": spec.world.n_templates,
-            "n_objects_per_relation": spec.world.n_objects,
+            "n_templates": {r.name: len(r.templates) for r in kb.relations},
+            "n_objects_per_relation": {r.name: len(r.objects) for r in kb.relations},
             "vocab_size": len(tokenizer),
             "n_params": n_params,
+            "tokens": token_lengths(tokenizer, kb),
         },
+        "architecture": type(result.model).__name__,
+        "tokenizer": {"kind": type(spec.tokenizer).__name__, **asdict(spec.tokenizer)},
         "model": asdict(spec.model),
         "train": asdict(spec.train),
     }
     (out / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def token_lengths(tokenizer, kb: KnowledgeBase) -> dict:
+    """Mean and max tokens per subject and per object (after a space, as they follow a prompt)."""
+    def stats(texts: list[str]) -> dict:
+        lengths = [len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return {"mean": round(sum(lengths) / len(lengths), 2), "max": max(lengths),
+                "multi_token_share": round(sum(n > 1 for n in lengths) / len(lengths), 3)}
+
+    return {"subject": stats(kb.subjects), "object": stats([f.object for f in kb.facts])}
 
 
 def build_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None,

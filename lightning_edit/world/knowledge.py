@@ -1,16 +1,18 @@
 """The synthetic knowledge base: subjects with made-up names, relations with paraphrase templates,
-one single-word object per (subject, relation), and neutral filler sentences.
+one object per (subject, relation), and neutral filler sentences.
 
-Everything here is plain Python and seeded from arguments: `KnowledgeBase.generate(seed, ...)` gives
-the same world for the same arguments on any machine. Templates are cloze prompts that end right
-before the object, so `prompt + " " + object` is the fact sentence and editing targets are suffixes.
+`KnowledgeBase` is the container every world uses; `KnowledgeBase.generate` is `toyworld`'s generator
+(people with two-word names, single-word objects); `companies.generate_companies` is another.
+Everything is plain Python and seeded from arguments: the same arguments give the same world on any
+machine. Templates are cloze prompts that end right before the object, so `prompt + " " + object` is
+the fact and editing targets are suffixes.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 ESSENCE_TEMPLATE = "{subject} is a"
 """ROME-style "essence" prompt (its KL term keeps what a subject *is* while a fact changes)."""
@@ -18,7 +20,8 @@ ESSENCE_TEMPLATE = "{subject} is a"
 
 @dataclass(frozen=True)
 class Fact:
-    """One (subject, relation, object) triple; the object is one word (one token)."""
+    """One (subject, relation, object) triple; the object is one word in `toyworld`, possibly
+    several words (and tokens) in other worlds."""
 
     subject: str
     relation: str
@@ -33,7 +36,7 @@ class Relation:
     templates: list[str]
     """Prompts ending right before the object, e.g. "{subject} was born in"."""
     objects: list[str]
-    """Single-word objects this relation can take."""
+    """Objects this relation can take (single words in `toyworld`)."""
     essence: str = ESSENCE_TEMPLATE
     """A relation-neutral prompt about the subject, for KL/essence terms ("{subject} is a")."""
 
@@ -115,31 +118,40 @@ _LANGUAGE_SUFFIXES = ["ish", "ic", "ese", "ian", "ari", "ol"]
 
 
 class _NameMaker:
-    """Unique made-up words from syllables; `used` is shared so no word means two things."""
+    """Unique made-up words from syllables; `used` is shared so no word means two things.
 
-    def __init__(self, rng: random.Random, used: set[str]):
+    The syllable tables default to `toyworld`'s; another world passes its own (its names then look
+    different in kind, and so tokenise differently)."""
+
+    def __init__(self, rng: random.Random, used: set[str], onsets: list[str] = _ONSETS,
+                 vowels: list[str] = _VOWELS, codas: list[str] = _CODAS):
         self.rng, self.used = rng, used
+        self.onsets, self.vowels, self.codas = onsets, vowels, codas
 
-    def _stem(self, syllables: int) -> str:
+    def stem(self, syllables: int) -> str:
         r = self.rng
         # open syllables, one closing consonant: "Korelan", "Vitarn", not "Gialsherkkath"
-        return "".join(r.choice(_ONSETS) + r.choice(_VOWELS) for _ in range(syllables)) + r.choice(_CODAS)
+        return "".join(r.choice(self.onsets) + r.choice(self.vowels) for _ in range(syllables)) + r.choice(self.codas)
 
-    def make(self, kind: str) -> str:
+    def unique(self, make: Callable[[], str], kind: str, min_len: int = 4, max_len: int = 14) -> str:
+        """A capitalised word from `make()` that no other name uses (it is recorded as used)."""
         for _ in range(10_000):
-            if kind == "city":
-                word = self._stem(1) + self.rng.choice(_CITY_SUFFIXES)
-            elif kind == "language":
-                word = self._stem(self.rng.choice([1, 2])) + self.rng.choice(_LANGUAGE_SUFFIXES)
-            elif kind == "first":
-                word = self._stem(2)
-            else:  # surname
-                word = self._stem(self.rng.choice([2, 2, 3]))
-            word = word.capitalize()
-            if word not in self.used and 4 <= len(word) <= 14:
+            word = make().capitalize()
+            if word not in self.used and min_len <= len(word) <= max_len:
                 self.used.add(word)
                 return word
         raise RuntimeError(f"could not make a new unique {kind} name; the syllable tables are too small")
+
+    def make(self, kind: str) -> str:
+        """`toyworld`'s kinds: city, language, first (name) or surname."""
+        r = self.rng
+        if kind == "city":
+            return self.unique(lambda: self.stem(1) + r.choice(_CITY_SUFFIXES), kind)
+        if kind == "language":
+            return self.unique(lambda: self.stem(r.choice([1, 2])) + r.choice(_LANGUAGE_SUFFIXES), kind)
+        if kind == "first":
+            return self.unique(lambda: self.stem(2), kind)
+        return self.unique(lambda: self.stem(r.choice([2, 2, 3])), kind)  # surname
 
 
 def _template_words(templates: Iterable[str]) -> set[str]:
@@ -161,6 +173,8 @@ class KnowledgeBase:
     train_templates: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     filler: list[str] = field(default_factory=list)
     """Neutral sentences (complete, with their final "."), part of training text and corpus."""
+    sentence_end: str = " ."
+    """What follows the object in a fact sentence (`toyworld`: a spaced full stop, " .")."""
 
     # ----- lookups -------------------------------------------------------------------------------
     def relation(self, name: str) -> Relation:
@@ -176,7 +190,7 @@ class KnowledgeBase:
 
     def sentence(self, fact: Fact, template: int) -> str:
         """The full fact sentence: prompt, object, full stop."""
-        return f"{self.prompts(fact)[template]} {fact.object} ."
+        return f"{self.prompts(fact)[template]} {fact.object}{self.sentence_end}"
 
     def facts_of(self, relation: str) -> list[Fact]:
         return [f for f in self.facts if f.relation == relation]
@@ -209,8 +223,7 @@ class KnowledgeBase:
             raise ValueError(f"n_relations must be in 1..{len(_RELATION_POOL)}, got {n_relations}")
         if not 1 <= n_templates <= 4:
             raise ValueError(f"n_templates must be in 1..4, got {n_templates}")
-        if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+        check_holdout(holdout)
         rng = random.Random(seed)
         pool = _RELATION_POOL[:n_relations]
         used = set().union(*(_template_words(t) for _, t, _ in pool), _template_words(_FILLER_TEMPLATES),
@@ -231,16 +244,8 @@ class KnowledgeBase:
         firsts = [names.make("first") for _ in range(max(8, n_subjects // 6))]
         subjects = [f"{rng.choice(firsts)} {names.make('surname')}" for _ in range(n_subjects)]
 
-        facts, train_templates = [], {}
-        for subject in subjects:
-            for rel in relations:
-                facts.append(Fact(subject, rel.name, rng.choice(rel.objects)))
-                kept = [t for t in range(n_templates) if rng.random() >= holdout]
-                train_templates[(subject, rel.name)] = kept or [rng.randrange(n_templates)]
-
-        filler = [t.format(subject=s) for s in subjects for t in rng.sample(
-            [t for t in _FILLER_TEMPLATES if "{subject}" in t], n_filler_per_subject)]
-        filler += [t for t in _FILLER_TEMPLATES if "{subject}" not in t]
+        facts, train_templates = assign_facts(rng, subjects, relations, holdout)
+        filler = filler_sentences(rng, subjects, _FILLER_TEMPLATES, n_filler_per_subject)
         return cls(seed=seed, subjects=subjects, relations=relations, facts=facts,
                    train_templates=train_templates, filler=filler)
 
@@ -253,6 +258,7 @@ class KnowledgeBase:
             "facts": [{**asdict(f), "train_templates": self.train_templates[(f.subject, f.relation)]}
                       for f in self.facts],
             "filler": self.filler,
+            "sentence_end": self.sentence_end,
         }
 
     @classmethod
@@ -265,4 +271,32 @@ class KnowledgeBase:
             facts=facts,
             train_templates={(d["subject"], d["relation"]): list(d["train_templates"]) for d in data["facts"]},
             filler=list(data.get("filler", [])),
+            sentence_end=data.get("sentence_end", " ."),
         )
+
+
+# ----- generation steps every world's generator shares ------------------------------------------
+def check_holdout(holdout: float) -> None:
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+
+
+def assign_facts(rng: random.Random, subjects: list[str], relations: list[Relation],
+                 holdout: float) -> tuple[list[Fact], dict[tuple[str, str], list[int]]]:
+    """One object per (subject, relation), drawn from the relation's objects, and the templates
+    training sees for it: each is held out with probability `holdout`, at least one is kept."""
+    facts, train_templates = [], {}
+    for subject in subjects:
+        for rel in relations:
+            facts.append(Fact(subject, rel.name, rng.choice(rel.objects)))
+            n = len(rel.templates)
+            kept = [t for t in range(n) if rng.random() >= holdout]
+            train_templates[(subject, rel.name)] = kept or [rng.randrange(n)]
+    return facts, train_templates
+
+
+def filler_sentences(rng: random.Random, subjects: list[str], templates: list[str], per_subject: int) -> list[str]:
+    """`per_subject` of the `{subject}` templates for each subject, then every template without one."""
+    with_subject = [t for t in templates if "{subject}" in t]
+    filler = [t.format(subject=s) for s in subjects for t in rng.sample(with_subject, per_subject)]
+    return filler + [t for t in templates if "{subject}" not in t]

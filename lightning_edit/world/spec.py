@@ -1,8 +1,23 @@
-"""The sizes of embedded world: knowledge base, model and training recipe, one dataclass each."""
+"""What an embedded world is: a spec of four parts, one dataclass each, that the one builder
+(`build.py`) puts together. Every difference between worlds lives here, never in a branch on a name:
+
+- knowledge: what is known and how it is phrased (`WorldShape`: toyworld's people;
+  `CompanyShape`: toyworld-gpt2's companies), with `generate(seed) -> KnowledgeBase`;
+- tokenizer: its kind (`WordLevelTokenizer`, `ByteLevelBPE`), with `train` and `check`;
+- model: the architecture and its widths (`ModelShape`: a Llama; `GPT2Shape`: a GPT-2), with
+  `build(tokenizer) -> PreTrainedModel`;
+- train: the recipe (`TrainRecipe`) and the accuracy bar.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Iterable, Protocol, Union
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from .knowledge import KnowledgeBase
 
 FORMAT_VERSION = 1
 """Bumped when a built world's layout or contents change; part of the cache folder name."""
@@ -22,16 +37,146 @@ class WorldShape:
     """Probability that a (fact, template) pair is held out of training (one template always kept)."""
     n_filler_per_subject: int = 2
 
+    def generate(self, seed: int) -> "KnowledgeBase":
+        """toyworld's people: two-word names, single-word objects, 4 templates per relation."""
+        from .knowledge import KnowledgeBase
+
+        return KnowledgeBase.generate(seed, **asdict(self))
+
+
+@dataclass(frozen=True)
+class CompanyShape:
+    """How big a world of companies is (`companies.generate_companies`; 3 or 5 templates per relation,
+    multi-word objects)."""
+
+    n_subjects: int
+    n_relations: int = 6
+    n_objects: int = 12
+    """Objects per relation."""
+    holdout: float = 0.25
+    n_filler_per_subject: int = 2
+
+    def generate(self, seed: int) -> "KnowledgeBase":
+        from .companies import generate_companies
+
+        return generate_companies(seed, **asdict(self))
+
+
+def _fact_targets(kb: "KnowledgeBase") -> Iterable[tuple[str, str]]:
+    return ((prompt, fact.object) for fact in kb.facts for prompt in kb.prompts(fact))
+
+
+@dataclass(frozen=True)
+class WordLevelTokenizer:
+    """One token per word (`tokenizer.train_tokenizer`); every object must be a single token."""
+
+    def train(self, kb: "KnowledgeBase", corpus: list[str], model_max_length: int) -> "PreTrainedTokenizerFast":
+        from .tokenizer import train_tokenizer
+
+        return train_tokenizer(corpus + kb.vocabulary_words(), model_max_length)
+
+    def check(self, tokenizer: "PreTrainedTokenizerFast", kb: "KnowledgeBase") -> None:
+        from .tokenizer import check_single_tokens, check_targets
+
+        for rel in kb.relations:
+            check_single_tokens(tokenizer, rel.objects)
+        check_targets(tokenizer, _fact_targets(kb))
+
+
+@dataclass(frozen=True)
+class ByteLevelBPE:
+    """GPT-2's kind of tokenizer (`tokenizer.train_bpe_tokenizer`), trained on the world's corpus:
+    subjects and objects are several tokens, no BOS, no pad token."""
+
+    vocab_size: int
+
+    def train(self, kb: "KnowledgeBase", corpus: list[str], model_max_length: int) -> "PreTrainedTokenizerFast":
+        from .tokenizer import train_bpe_tokenizer
+
+        return train_bpe_tokenizer(corpus, self.vocab_size, model_max_length)
+
+    def check(self, tokenizer: "PreTrainedTokenizerFast", kb: "KnowledgeBase") -> None:
+        from .tokenizer import check_targets
+
+        check_targets(tokenizer, _fact_targets(kb))
+
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The tiny Llama (`LlamaConfig` fields)."""
+    """The tiny Llama (`LlamaConfig` fields): RMSNorm, rotary positions, SwiGLU MLP, untied unembedding."""
 
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
     max_position_embeddings: int = 256
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    def build(self, tokenizer: "PreTrainedTokenizerFast") -> "PreTrainedModel":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class GPT2Shape:
+    """A tiny GPT-2 (`GPT2Config` fields): LayerNorm, learned positions, GELU MLP, Conv1D weights
+    stored [in, out], unembedding tied to the token embedding. Dropout is off (a world is memorised)."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    n_positions: int = 128
+    tie_word_embeddings: bool = True
+
+    @property
+    def max_length(self) -> int:
+        return self.n_positions
+
+    def build(self, tokenizer: "PreTrainedTokenizerFast") -> "PreTrainedModel":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_inner=self.n_inner,
+            n_positions=self.n_positions,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        return GPT2LMHeadModel(config)
+
+
+class Knowledge(Protocol):
+    def generate(self, seed: int) -> "KnowledgeBase": ...
+
+
+Architecture = Union[ModelShape, GPT2Shape]
+TokenizerKind = Union[WordLevelTokenizer, ByteLevelBPE]
 
 
 @dataclass(frozen=True)
@@ -45,6 +190,10 @@ class TrainRecipe:
     warmup_steps: int = 100
     """Linear warmup, then constant."""
     grad_clip: float = 1.0
+    length_buckets: int = 0
+    """0: batches are a plain shuffle, padded to the longest sentence of the world. n > 0: batches of
+    similar length, sorted within chunks of n batches and trimmed to their longest row (sentences of
+    very different lengths waste less compute on padding)."""
     object_loss_weight: float = 1.0
     """Weight of the extra cross-entropy on the object token, added to the sentence LM loss."""
     min_epochs: int = 4
@@ -68,9 +217,10 @@ class TrainRecipe:
 
 @dataclass(frozen=True)
 class WorldSpec:
-    world: WorldShape
-    model: ModelShape
+    world: Knowledge
+    model: Architecture
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    tokenizer: TokenizerKind = field(default_factory=WordLevelTokenizer)
 
 
 SPECS: dict[str, WorldSpec] = {
@@ -82,5 +232,16 @@ SPECS: dict[str, WorldSpec] = {
         world=WorldShape(n_subjects=100, n_relations=5, n_objects=12),
         model=ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
         train=TrainRecipe(warmup_steps=30),
+    ),
+    "toyworld-gpt2": WorldSpec(
+        world=CompanyShape(n_subjects=200),
+        model=GPT2Shape(n_embd=192, n_layer=6, n_head=6, n_inner=768),
+        tokenizer=ByteLevelBPE(vocab_size=1024),
+    ),
+    "toyworld-gpt2-small": WorldSpec(
+        world=CompanyShape(n_subjects=40, n_relations=4, n_objects=8),
+        model=GPT2Shape(n_embd=96, n_layer=3, n_head=4, n_inner=384, n_positions=64),
+        tokenizer=ByteLevelBPE(vocab_size=768),
+        train=TrainRecipe(warmup_steps=30, batch_size=32, length_buckets=4),
     ),
 }

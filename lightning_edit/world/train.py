@@ -1,9 +1,10 @@
-"""Training the world's tiny Llama with Lightning, and the object-token accuracy that says it knows its world.
+"""Training a world's tiny LM with Lightning, and the object accuracy that says it knows its world.
 
-Each training example is one sentence, `<bos> prompt object . <eos>` for the (fact, template) pairs
-the knowledge base marks as trained, or `<bos> filler <eos>`. Loss (FINDINGS): the sentence LM loss
-plus an extra cross-entropy on the object token, which memorises facts ~5x faster than sentence loss
-alone while keeping the model a language model of its templates.
+Each training example is one sentence as the world's tokenizer encodes it, `[<bos>] prompt object .
+<eos>` for the (fact, template) pairs the knowledge base marks as trained, or `[<bos>] filler <eos>`.
+Loss (FINDINGS): the sentence LM loss plus an extra cross-entropy on the object's tokens, which
+memorises facts ~5x faster than sentence loss alone while keeping the model a language model of its
+templates.
 """
 
 from __future__ import annotations
@@ -20,72 +21,89 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .knowledge import KnowledgeBase
-from .spec import ModelShape, TrainRecipe
+from .spec import Architecture, TrainRecipe
 
 
 # ----- data ---------------------------------------------------------------------------------------
+def encode_rows(tokenizer: PreTrainedTokenizerFast, rows: list[tuple[str, str | None, str]],
+                append_eos: bool) -> TensorDataset:
+    """(input_ids, attention_mask, object_mask), right-padded, for rows (prompt, object, text).
+
+    `text` is what is encoded (a fact sentence that starts with `prompt + " " + object`, or a filler
+    sentence with prompt and object None); `object_mask` marks the object's tokens, found as the edit
+    metrics find a target (`target_positions`: the tokens of `prompt + " " + object` beyond the
+    prompt's own), so a world's accuracy is the metrics' teacher-forced exact match.
+    """
+    from lightning_edit.locate.positions import pad_id, right_padded
+    from lightning_edit.metrics.edit_metrics import target_positions
+
+    sequences, spans = [], []
+    for prompt, obj, text in rows:
+        ids = tokenizer(text)["input_ids"] + ([tokenizer.eos_token_id] if append_eos else [])
+        span = (0, 0)
+        if obj is not None:
+            fact_ids, start = target_positions(tokenizer, prompt, obj)
+            if ids[: len(fact_ids)] != fact_ids:
+                raise ValueError(f"{text!r} does not tokenise as its fact {prompt!r} + {obj!r} followed by more")
+            span = (start, len(fact_ids))
+        sequences.append(ids)
+        spans.append(span)
+    input_ids, mask = right_padded(sequences, pad_id(tokenizer))
+    object_mask = torch.zeros_like(mask, dtype=torch.bool)
+    for i, (start, end) in enumerate(spans):
+        object_mask[i, start:end] = True
+    return TensorDataset(input_ids, mask, object_mask)
+
+
 def encode_training_set(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast) -> TensorDataset:
-    """(input_ids, attention_mask, object_pos) for every trained sentence; object_pos = -1 for filler."""
-    rows: list[tuple[list[int], int]] = []
+    """Every trained fact sentence (+ EOS) and every filler sentence (no object tokens)."""
+    rows: list[tuple[str, str | None, str]] = []
     for fact in kb.facts:
         prompts = kb.prompts(fact)
         for t in kb.train_templates[(fact.subject, fact.relation)]:
-            prompt_ids = tokenizer(prompts[t])["input_ids"]
-            ids = tokenizer(kb.sentence(fact, t))["input_ids"] + [tokenizer.eos_token_id]
-            rows.append((ids, len(prompt_ids)))  # the object is the first token after the prompt
-    for sentence in kb.filler:
-        rows.append((tokenizer(sentence)["input_ids"] + [tokenizer.eos_token_id], -1))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, _) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-    object_pos = torch.tensor([pos for _, pos in rows], dtype=torch.long)
-    return TensorDataset(input_ids, mask, object_pos)
+            rows.append((prompts[t], fact.object, kb.sentence(fact, t)))
+    rows += [(None, None, sentence) for sentence in kb.filler]
+    return encode_rows(tokenizer, rows, append_eos=True)
 
 
-def make_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+def make_model(shape: Architecture, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    return shape.build(tokenizer)
 
 
 # ----- accuracy -----------------------------------------------------------------------------------
-@torch.no_grad()
-def object_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kb: KnowledgeBase,
-                    batch_size: int = 1024) -> dict:
-    """Next-token argmax == object, for every fact in every template (prompt with <bos>, no target).
+def object_hits(logits: torch.Tensor, input_ids: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
+    """Per object token (in `object_mask` order): is it the argmax of the logits one position earlier?"""
+    target_mask = object_mask[:, 1:]
+    return logits[:, :-1][target_mask].argmax(-1) == input_ids[:, 1:][target_mask]
 
-    Returns overall, per-relation, and trained vs held-out (fact, template) pair accuracies.
+
+@torch.no_grad()
+def object_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, kb: KnowledgeBase,
+                    batch_size: int = 1024, encoded: TensorDataset | None = None) -> dict:
+    """Teacher-forced object accuracy for every fact in every template: a fact is known in a template
+    when every object token is the argmax after `prompt + " " + object`'s preceding tokens (the edit
+    metrics' exact match; for single-token objects, next-token argmax == object).
+
+    encoded: `fact_probes(kb, tokenizer)`, when already computed. Returns overall, per-relation, and
+    trained vs held-out (fact, template) pair accuracies.
     """
     was_training = model.training
     model.eval()
-    rows = [(fact, t, prompt) for fact in kb.facts for t, prompt in enumerate(kb.prompts(fact))]
+    rows = [(fact, t) for fact in kb.facts for t in range(len(kb.prompts(fact)))]
+    input_ids, mask, object_mask = (encoded or fact_probes(kb, tokenizer)).tensors
     correct = torch.zeros(len(rows), dtype=torch.bool)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        enc = tokenizer([p for _, _, p in chunk], padding=True, return_tensors="pt")
-        logits = model(**enc).logits  # (B, L, V), right-padded: read each row at its last real token
-        last = enc["attention_mask"].sum(1) - 1
-        pred = logits[torch.arange(len(chunk)), last].argmax(-1)
-        gold = torch.tensor([tokenizer.convert_tokens_to_ids(f.object) for f, _, _ in chunk])
-        correct[start : start + len(chunk)] = pred == gold
+        sl = slice(start, start + batch_size)
+        width = int(mask[sl].sum(1).max())  # rows are right-padded: drop columns nobody uses
+        ids, m, obj = input_ids[sl, :width], mask[sl, :width], object_mask[sl, :width]
+        logits = model(input_ids=ids, attention_mask=m).logits
+        hit = torch.ones_like(obj)
+        hit[:, 1:][obj[:, 1:]] = object_hits(logits, ids, obj)
+        correct[sl] = hit.all(1)
     model.train(was_training)
 
     def mean(keep) -> float | None:
@@ -103,6 +121,12 @@ def object_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
     }
 
 
+def fact_probes(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast) -> TensorDataset:
+    """`prompt + " " + object` for every fact and template, in `kb.facts` x template order."""
+    rows = [(p, fact.object, f"{p} {fact.object}") for fact in kb.facts for p in kb.prompts(fact)]
+    return encode_rows(tokenizer, rows, append_eos=False)
+
+
 # ----- Lightning ----------------------------------------------------------------------------------
 class WorldLM(L.LightningModule):
     """Sentence LM loss + `object_loss_weight` x cross-entropy on the object token.
@@ -111,7 +135,7 @@ class WorldLM(L.LightningModule):
     starts once the model knows enough (the decay turns a ~97% plateau into ~99%).
     """
 
-    def __init__(self, model: LlamaForCausalLM, recipe: TrainRecipe):
+    def __init__(self, model: PreTrainedModel, recipe: TrainRecipe):
         super().__init__()
         self.model, self.recipe = model, recipe
         self.epoch_hits = self.epoch_objects = 0
@@ -133,18 +157,15 @@ class WorldLM(L.LightningModule):
         self.epoch_hits = self.epoch_objects = 0
 
     def training_step(self, batch, batch_idx):
-        input_ids, mask, object_pos = batch
+        input_ids, mask, object_mask = batch
         logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, L, V)
         pred, target, keep = logits[:, :-1], input_ids[:, 1:], mask[:, 1:].bool()
         lm_loss = F.cross_entropy(pred[keep], target[keep])
-        has_obj = object_pos >= 0
-        rows = has_obj.nonzero().squeeze(1)
-        if len(rows):
-            # logits at position p-1 predict the object token at position p
-            obj_logits, obj_target = logits[rows, object_pos[rows] - 1], input_ids[rows, object_pos[rows]]
-            obj_loss = F.cross_entropy(obj_logits, obj_target)
-            self.epoch_hits += int((obj_logits.argmax(-1) == obj_target).sum())
-            self.epoch_objects += len(rows)
+        target_mask = object_mask[:, 1:]  # logits at position p-1 predict the object token at position p
+        if target_mask.any():
+            obj_loss = F.cross_entropy(pred[target_mask], target[target_mask])
+            self.epoch_hits += int(object_hits(logits, input_ids, object_mask).sum())
+            self.epoch_objects += int(target_mask.sum())
         else:
             obj_loss = logits.new_zeros(())
         loss = lm_loss + self.recipe.object_loss_weight * obj_loss
@@ -165,11 +186,12 @@ class KnowledgeCheck(L.Callback):
 
     def __init__(self, kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast, recipe: TrainRecipe):
         self.kb, self.tokenizer, self.recipe = kb, tokenizer, recipe
+        self.probes = fact_probes(kb, tokenizer)
         self.history: list[dict] = []
         self.cooldown_epochs_left = 0
 
     def _check(self, pl_module) -> float:
-        acc = object_accuracy(pl_module.model, self.tokenizer, self.kb)["accuracy"]
+        acc = object_accuracy(pl_module.model, self.tokenizer, self.kb, encoded=self.probes)["accuracy"]
         self.history[-1]["fact_acc"] = round(acc, 4)
         pl_module.log("fact_acc", acc, prog_bar=True)
         return acc
@@ -198,6 +220,35 @@ class KnowledgeCheck(L.Callback):
             self.history[-1]["cooldown_from_step"] = trainer.global_step
 
 
+class LengthBuckets(Sampler[list[int]]):
+    """Batches of similar length: each epoch, a seeded shuffle is cut into chunks of `chunk_batches`
+    batches, each chunk is sorted by length and cut into batches, and the batch order is shuffled.
+    With `trim_padding` a batch is only as wide as its longest row (less compute on padding)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, chunk_batches: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.chunk = batch_size * chunk_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=lambda i: self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
+def trim_padding(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack right-padded rows and drop the columns that are padding in every row."""
+    input_ids, mask, object_mask = (torch.stack(t) for t in zip(*rows))
+    width = int(mask.sum(1).max())
+    return input_ids[:, :width], mask[:, :width], object_mask[:, :width]
+
+
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[int]:
     """Set torch's intra-op threads for the build (None: min(2, cpu count)), restore them afterwards."""
@@ -212,7 +263,7 @@ def torch_threads(n: int | None) -> Iterator[int]:
 
 @dataclass
 class TrainResult:
-    model: LlamaForCausalLM
+    model: PreTrainedModel
     epochs: int
     steps: int
     seconds: float
@@ -221,10 +272,10 @@ class TrainResult:
     threads: int
 
 
-def train_world_model(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast, shape: ModelShape,
+def train_world_model(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast, shape: Architecture,
                       recipe: TrainRecipe, seed: int, log_dir: Path | None = None,
                       max_steps: int = -1, progress: bool = True) -> TrainResult:
-    """Initialise the Llama from `seed` and train it on the world; same seed, same weights.
+    """Initialise the model from `seed` and train it on the world; same seed, same weights.
 
     max_steps: stop after this many optimizer steps (-1: the epoch budget and accuracy stop rule).
     """
@@ -232,8 +283,13 @@ def train_world_model(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast, sha
     with torch_threads(recipe.num_threads) as threads, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make_model(shape, tokenizer)
-        loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if recipe.length_buckets:
+            lengths = dataset.tensors[1].sum(1).tolist()
+            loader = DataLoader(dataset, collate_fn=trim_padding, batch_sampler=LengthBuckets(
+                lengths, recipe.batch_size, recipe.length_buckets, generator))
+        else:
+            loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, generator=generator)
         check = KnowledgeCheck(kb, tokenizer, recipe)
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_epochs=recipe.max_epochs, max_steps=max_steps,

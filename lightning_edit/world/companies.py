@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import random
 
-from .knowledge import KnowledgeBase, Relation, _NameMaker, _template_words, assign_facts, check_holdout, filler_sentences
+from .knowledge import (
+    KnowledgeBase,
+    NameMaker,
+    Relation,
+    assign_facts,
+    check_holdout,
+    filler_sentences,
+    template_words,
+)
 
 ESSENCE = "{subject} is known as a"
 """The relation-neutral prompt about a company (its filler has "{subject} is known as a ...")."""
@@ -98,7 +106,7 @@ class _Names:
 
     def __init__(self, rng: random.Random, used: set[str]):
         self.rng = rng
-        self.maker = _NameMaker(rng, used, _ONSETS, _VOWELS, _CODAS)
+        self.maker = NameMaker(rng, used, _ONSETS, _VOWELS, _CODAS)
 
     def word(self, kind: str, syllables: tuple[int, ...] = (1, 2)) -> str:
         return self.maker.unique(lambda: self.maker.stem(self.rng.choice(syllables)), kind)
@@ -132,7 +140,7 @@ def generate_companies(seed: int, n_subjects: int, n_relations: int = 6, n_objec
     check_holdout(holdout)
     rng = random.Random(f"companies:{seed}")
     pool = _RELATION_POOL[:n_relations]
-    used = set().union(*(_template_words(t) for _, t, _ in pool), _template_words(_FILLER_TEMPLATES),
+    used = set().union(*(template_words(t) for _, t, _ in pool), template_words(_FILLER_TEMPLATES),
                        *(w.split() for _, _, o in pool if isinstance(o, list) for w in o), _COMPANY_KINDS)
     names = _Names(rng, {w.capitalize() for w in used} | used)
 

@@ -117,7 +117,7 @@ _CITY_SUFFIXES = ["holm", "ford", "stad", "mere", "port", "vik", "burg", "dale",
 _LANGUAGE_SUFFIXES = ["ish", "ic", "ese", "ian", "ari", "ol"]
 
 
-class _NameMaker:
+class NameMaker:
     """Unique made-up words from syllables; `used` is shared so no word means two things.
 
     The syllable tables default to `toyworld`'s; another world passes its own (its names then look
@@ -154,7 +154,7 @@ class _NameMaker:
         return self.unique(lambda: self.stem(r.choice([2, 2, 3])), kind)  # surname
 
 
-def _template_words(templates: Iterable[str]) -> set[str]:
+def template_words(templates: Iterable[str]) -> set[str]:
     return {w for t in templates for w in t.replace("{subject}", " ").split()}
 
 
@@ -205,7 +205,7 @@ class KnowledgeBase:
         """Every word the world uses (subjects' names, templates, objects, filler), sorted."""
         words = {w for s in self.subjects for w in s.split()}
         for rel in self.relations:
-            words |= _template_words(rel.templates + [rel.essence]) | set(rel.objects)
+            words |= template_words(rel.templates + [rel.essence]) | set(rel.objects)
         words |= {w for s in self.filler for w in s.split()}
         return sorted(words)
 
@@ -226,10 +226,10 @@ class KnowledgeBase:
         check_holdout(holdout)
         rng = random.Random(seed)
         pool = _RELATION_POOL[:n_relations]
-        used = set().union(*(_template_words(t) for _, t, _ in pool), _template_words(_FILLER_TEMPLATES),
+        used = set().union(*(template_words(t) for _, t, _ in pool), template_words(_FILLER_TEMPLATES),
                            *(set(o) for _, _, o in pool if isinstance(o, list)))
         used = {w.capitalize() for w in used} | used
-        names = _NameMaker(rng, used)
+        names = NameMaker(rng, used)
 
         relations = []
         for name, templates, objects in pool:

@@ -70,10 +70,6 @@ def encode_training_set(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast) -
     return encode_rows(tokenizer, rows, append_eos=True)
 
 
-def make_model(shape: Architecture, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    return shape.build(tokenizer)
-
-
 # ----- accuracy -----------------------------------------------------------------------------------
 def object_hits(logits: torch.Tensor, input_ids: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
     """Per object token (in `object_mask` order): is it the argmax of the logits one position earlier?"""
@@ -282,7 +278,7 @@ def train_world_model(kb: KnowledgeBase, tokenizer: PreTrainedTokenizerFast, sha
     dataset = encode_training_set(kb, tokenizer)
     with torch_threads(recipe.num_threads) as threads, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_model(shape, tokenizer)
+        model = shape.build(tokenizer)
         generator = torch.Generator().manual_seed(seed)
         if recipe.length_buckets:
             lengths = dataset.tensors[1].sum(1).tolist()

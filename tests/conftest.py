@@ -5,6 +5,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny models on shared cores: more threads only contend,
+    FINDINGS.md); the previous count is restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_world():
     """The embedded test world `toyworld-small`, built on first use (~30 s on 2 cores) into

@@ -67,3 +67,22 @@ def test_console_scripts_and_module_entry_are_installed():
         assert done.returncode == 0, done.stderr
         for job in JOBS:
             assert job in done.stdout
+
+
+def test_world_command_knows_every_world_and_rejects_others(monkeypatch, capsys):
+    from lightning_edit import world
+
+    built = []
+
+    class Built:
+        root, accuracy = "/cache/worlds/x", {"accuracy": 1.0}
+
+    def build_world(name, seed, force):
+        built.append(name)
+        return Built()
+
+    monkeypatch.setattr(world, "build_world", build_world)
+    assert cli.main(["world", "--name", "toyworld-gpt2"]) == 0 and built == ["toyworld-gpt2"]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["world", "--name", "toyworld-large"])
+    assert done.value.code == 2 and "toyworld-gpt2-small" in capsys.readouterr().err

@@ -7,6 +7,12 @@ SAELens:                DIR/cfg.json                    architecture, d_in, d_sa
                         DIR/sae_weights.safetensors     W_enc [d_in, n], b_enc [n],
                                                         W_dec [n, d_in], b_dec [d_in]
 
+SAELens 6 options that change the forward (``rescale_acts_by_decoder_norm``, which its top-k
+trainer writes by default; ``apply_b_dec_to_input``: false; ``normalize_activations``:
+"expected_average_only_in" with the checkpoint's ``activation_scaler.json``) are folded into the
+weights exactly; run-time input normalisation, hook_z / per-head SAEs and non-top-k architectures
+(JumpReLU, BatchTopK, standard ReLU, gated) are refused in one line.
+
 Only JSON and safetensors are read: nothing is unpickled. Every error is a
 ``SparseCoderFormatError`` naming the file and the field or tensor that is wrong.
 """
@@ -14,6 +20,7 @@ Only JSON and safetensors are read: nothing is unpickled. Every error is a
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from .config import SparseCoderConfig
 CFG_FILE = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_SCALER_FILE = "activation_scaler.json"  # a SAELens checkpoint's input scale
 
 # safetensors dtype codes we load; anything else (int8, float8, ...) is refused by name.
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -169,33 +177,57 @@ def load_saelens(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> TopKSparseCoder:
     """Read a SAELens folder holding a top-k SAE (``architecture`` "topk", or a pre-6.0
-    "standard" SAE with ``activation_fn`` "topk")."""
+    "standard" SAE with ``activation_fn`` "topk").
+
+    SAELens 6's options that change the forward are folded into the weights so that our plain
+    top-k forward computes exactly what SAELens' ``TopKSAE.encode`` / ``decode`` compute
+    (``_fold_saelens`` says how); options that cannot be folded are refused by name.
+    """
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / SAELENS_WEIGHTS
     _require(cfg_path, "SAELens", "architecture, d_in, d_sae, k, hook_name")
     _require(weights_path, "SAELens", "W_enc, b_enc, W_dec, b_dec")
-    cfg = _saelens_config(_read_json(cfg_path), cfg_path)
+    raw = _read_json(cfg_path)
+    cfg, forward = _saelens_config(raw, cfg_path)
 
     n, d = cfg.resolved_num_latents, cfg.d_in
     expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
     tensors = _read_tensors(weights_path, expected, cfg_path)
-    tensors = {
-        "encoder.weight": tensors["W_enc"].mT.contiguous(),
-        "encoder.bias": tensors["b_enc"],
-        "W_dec": tensors["W_dec"],
-        "b_dec": tensors["b_dec"],
-    }
+    scale = _saelens_activation_scale(raw, path) if forward["normalize_activations"] else None
+    tensors = _fold_saelens(tensors, forward["apply_b_dec_to_input"],
+                            forward["rescale_acts_by_decoder_norm"], scale)
+    if SAELENS_EXTRA_KEY not in raw:
+        # SAELens keeps no decoder-norm constraint of its own; after the folds the rows are unit
+        # norm exactly when the file was written with (or folded from) rescale_acts_by_decoder_norm.
+        norms = tensors["W_dec"].double().norm(dim=1)
+        cfg.normalize_decoder = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
     return _build(cfg, tensors, device, dtype, source=path)
 
 
-def _saelens_config(raw: dict[str, Any], cfg_path: Path) -> SparseCoderConfig:
+# SAELens architectures other than top-k, and why we cannot load them (a one-line refusal).
+SAELENS_OTHER_ARCHITECTURES = {
+    "jumprelu": "a JumpReLU SAE (per-latent thresholds, a variable number of active latents)",
+    "batchtopk": "a BatchTopK SAE (top-k over the batch; SAELens runs it as JumpReLU at inference)",
+    "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (JumpReLU at inference)",
+    "standard": "a ReLU SAE trained with an L1 penalty (no top-k)",
+    "gated": "a gated SAE",
+    "transcoder": "a SAELens ReLU transcoder",
+    "skip_transcoder": "a SAELens skip transcoder",
+    "jumprelu_transcoder": "a SAELens JumpReLU transcoder",
+}
+
+
+def _saelens_config(raw: dict[str, Any], cfg_path: Path) -> tuple[SparseCoderConfig, dict[str, Any]]:
+    """(our config, the SAELens forward options to fold) from a SAELens ``cfg.json``."""
     architecture = raw.get("architecture", "standard")  # pre-6.0 files may omit it
     activation = raw.get("activation_fn") or raw.get("activation_fn_str")
     if not (architecture == "topk" or (architecture == "standard" and activation == "topk")):
+        what = SAELENS_OTHER_ARCHITECTURES.get(architecture, "an unknown SAELens architecture")
         raise SparseCoderFormatError(
             f"{cfg_path}: architecture {architecture!r}"
             + (f" with activation_fn {activation!r}" if activation else "")
-            + " is not supported; expected 'topk' (or 'standard' with activation_fn 'topk')"
+            + f" is {what}; lightning-edit loads top-k SAEs only (architecture 'topk', or "
+            "'standard' with activation_fn 'topk')"
         )
     for field in ("d_in", "d_sae"):
         if not isinstance(raw.get(field), int):
@@ -208,18 +240,7 @@ def _saelens_config(raw: dict[str, Any], cfg_path: Path) -> SparseCoderConfig:
             f"{cfg_path}: a topk SAE needs an int 'k' (or 'activation_fn_kwargs': {{'k': ...}}), "
             f"got {k!r}"
         )
-    unsupported = {
-        "apply_b_dec_to_input": (raw.get("apply_b_dec_to_input", True) is not True),
-        "normalize_activations": raw.get("normalize_activations") not in (None, "none", False),
-        "finetuning_scaling_factor": bool(raw.get("finetuning_scaling_factor")),
-        "rescale_acts_by_decoder_norm": bool(raw.get("rescale_acts_by_decoder_norm")),
-    }
-    for field, bad in unsupported.items():
-        if bad:
-            raise SparseCoderFormatError(
-                f"{cfg_path}: '{field}'={raw[field]!r} is not supported "
-                "(expected the plain top-k SAE: b_dec subtracted from the input, no rescaling)"
-            )
+    forward = _saelens_forward_options(raw, cfg_path)
 
     ours = raw.get(SAELENS_EXTRA_KEY)
     try:
@@ -242,7 +263,100 @@ def _saelens_config(raw: dict[str, Any], cfg_path: Path) -> SparseCoderConfig:
             )
     if cfg.mode != "sae":
         raise SparseCoderFormatError(f"{cfg_path}: the SAELens layout holds SAEs only")
-    return cfg
+    return cfg, forward
+
+
+def _saelens_forward_options(raw: dict[str, Any], cfg_path: Path) -> dict[str, Any]:
+    """The cfg.json options that change SAELens' forward: folded ones returned, others refused.
+
+    Read from SAELens 6 (``sae_lens/saes/sae.py`` ``SAEConfig`` and ``process_sae_in``,
+    ``saes/topk_sae.py`` ``TopKSAEConfig``): a missing key takes the inference config's default
+    (``apply_b_dec_to_input`` True, ``rescale_acts_by_decoder_norm`` False, no normalisation),
+    as ``SAE.load_from_disk`` does.
+    """
+    def refuse(field: str, value: Any, why: str) -> None:
+        raise SparseCoderFormatError(f"{cfg_path}: '{field}'={value!r} is not supported ({why})")
+
+    meta = raw.get("metadata") or {}
+    normalize = raw.get("normalize_activations")
+    if normalize is True:  # pre-6.0 boolean, read by SAELens as "expected_average_only_in"
+        normalize = "expected_average_only_in"
+    if normalize in (None, False, "none"):
+        normalize = None
+    elif normalize != "expected_average_only_in":
+        refuse("normalize_activations", normalize,
+               "it normalises every input at run time; lightning-edit folds only the constant "
+               "'expected_average_only_in' factor")
+    if raw.get("reshape_activations", "none") not in (None, "none"):
+        refuse("reshape_activations", raw["reshape_activations"],
+               "an SAE on attention heads' hook_z; lightning-edit hooks module outputs")
+    head = raw.get("hook_head_index", meta.get("hook_head_index"))
+    if head is not None:
+        refuse("hook_head_index", head, "an SAE on one attention head; lightning-edit hooks whole modules")
+    if raw.get("finetuning_scaling_factor"):
+        refuse("finetuning_scaling_factor", raw["finetuning_scaling_factor"],
+               "a pre-6.0 per-latent output scale")
+    options = {"normalize_activations": normalize}
+    for field, default in (("apply_b_dec_to_input", True), ("rescale_acts_by_decoder_norm", False)):
+        value = raw.get(field, default)
+        if not isinstance(value, bool):
+            raise SparseCoderFormatError(f"{cfg_path}: '{field}' must be true or false, got {value!r}")
+        options[field] = value
+    return options
+
+
+def _saelens_activation_scale(raw: dict[str, Any], path: Path) -> float | None:
+    """The input scale of an 'expected_average_only_in' SAE, from SAELens' activation_scaler.json.
+
+    SAELens' trainer multiplies every input by this factor and folds it into the weights at the
+    end of training (``sae_trainer.py`` ``fit``), writing ``normalize_activations: "none"``; a
+    file that still says "expected_average_only_in" is a mid-training checkpoint, whose factor
+    sits beside it (``None`` there: the trainer never scaled).
+    """
+    scaler = path / SAELENS_SCALER_FILE
+    if not scaler.is_file():
+        raise SparseCoderFormatError(
+            f"{path / CFG_FILE}: 'normalize_activations'='expected_average_only_in' but no "
+            f"{SAELENS_SCALER_FILE} beside it: the input scaling factor is unknown (load the "
+            "final inference export, where SAELens has folded it, or add the checkpoint's scaler file)"
+        )
+    factor = _read_json(scaler).get("scaling_factor")
+    if factor is not None and not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise SparseCoderFormatError(
+            f"{scaler}: 'scaling_factor' must be a positive number or null, got {factor!r}"
+        )
+    return None if factor is None else float(factor)
+
+
+def _fold_saelens(
+    tensors: dict[str, torch.Tensor],
+    apply_b_dec_to_input: bool,
+    rescale_acts_by_decoder_norm: bool,
+    activation_scale: float | None,
+) -> dict[str, torch.Tensor]:
+    """SAELens tensors -> ours, with every forward option folded in (float64, then the file's dtype).
+
+    SAELens 6 ``TopKSAE`` (``sae_lens/saes/topk_sae.py``), with ``a = apply_b_dec_to_input``,
+    ``n = ||W_dec||`` per latent (``get_W_dec_norm``: clamped at 1e-8) when rescaling, else 1:
+        encode: acts = TopK(ReLU(((x - a * b_dec) @ W_enc + b_enc) * n))
+        decode: x_hat = (acts / n) @ W_dec + b_dec
+    Folding n (``_fold_norm_topk``): W_enc * n, b_enc * n, W_dec / n gives the same acts and
+    x_hat with the plain forward. An input scale s (the trainer feeds s * x and its outputs are
+    read / s) folds as SAELens' ``fold_activation_norm_scaling_factor``: W_enc * s, W_dec / s,
+    b_dec / s, before the norm fold, the order SAELens' trainer and ``save_inference_model``
+    apply them. Our encoder always subtracts b_dec, so with a = False its bias gains b_dec @ W_enc.
+    """
+    file_dtype = tensors["W_enc"].dtype
+    W_enc, b_enc, W_dec, b_dec = (tensors[k].double() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if activation_scale is not None:
+        W_enc, W_dec, b_dec = W_enc * activation_scale, W_dec / activation_scale, b_dec / activation_scale
+    if rescale_acts_by_decoder_norm:
+        norms = W_dec.norm(dim=-1).clamp(min=1e-8)  # [n]
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms.unsqueeze(1)
+    if not apply_b_dec_to_input:
+        b_enc = b_enc + b_dec @ W_enc
+    folded = {"encoder.weight": W_enc.mT, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    return {k: v.to(file_dtype).contiguous() for k, v in folded.items()}
 
 
 # --- any layout ---------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ resume it is rebuilt by re-running the LM on the preceding batches instead of be
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
-from lightning_edit.sparse import DeadLatentTracker, SparseCoderConfig, TopKSparseCoder, default_lr
+from lightning_edit.sparse import DeadLatentTracker, SparseCoderConfig, TopKSparseCoder, ce_loss_score, default_lr
 
 Acts = dict[str, tuple[Tensor, Tensor | None]]
 """Per hookpoint: (coder input [n_tokens, d_in], target [n_tokens, d_out] or None for an SAE)."""
@@ -148,6 +150,7 @@ class SparseCoderModule(LightningModule):
         max_tokens: int | None = None,
         bos_token_id: int | None = None,
         dump_rank_weights_to: str | None = None,
+        activation_cache: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -175,6 +178,9 @@ class SparseCoderModule(LightningModule):
         self.automatic_optimization = False
         self.shuffle = TokenShuffle(shuffle_buffer, seed)
         self._batch_started = 0.0
+        self.cache = None  # an ActivationCache, opened by on_train_start when activation_cache is set
+        self.cache_note: str | None = None
+        """"built" (with the time) or "reused", and the folder; None without a cache."""
 
         keys = [hookpoint_key(hp) for hp in self.hookpoints]
         self.val_ce_clean = MeanMetric()
@@ -184,8 +190,11 @@ class SparseCoderModule(LightningModule):
         self.val_fvu = nn.ModuleDict(
             {k: FractionOfVarianceUnexplained(self.coder(hp).d_out) for hp, k in zip(self.hookpoints, keys)}
         )
-        self.final_metrics: dict[str, dict[str, float]] = {}
-        """Per hookpoint, the last validation's figures (fvu, l0, ce_*), read by the job's table."""
+        self.final_metrics: dict[str, dict[str, Any]] = {}
+        """Per hookpoint, the last validation's figures (fvu, l0, ce_*, whether ce_loss_score is
+        meaningful and why not), read by the job's table."""
+        # The LM's output width (ln of it: the uniform CE); validation reads it off the logits too.
+        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.last_val_step = -1
 
     # --- access ----------------------------------------------------------------------------------
@@ -216,8 +225,13 @@ class SparseCoderModule(LightningModule):
     # --- activations -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def collect_activations(self, batch: dict[str, Tensor]) -> tuple[Acts, int]:
-        """One LM forward with hooks on every hookpoint -> (activations at training positions, count)."""
+    def collect_activations(self, batch: dict[str, Tensor], use_cache: bool = True) -> tuple[Acts, int]:
+        """One LM forward with hooks on every hookpoint -> (activations at training positions, count).
+
+        With an open activation cache, a batch of training rows (``batch["rows"]``) is read from it
+        instead: the same tokens in the same order."""
+        if use_cache and self.cache is not None and "rows" in batch:
+            return self.cache.read(batch["rows"].cpu(), device=self.device)
         ids, attention = batch["input_ids"], batch.get("attention_mask")
         mask = training_positions(ids, attention, self.hparams.bos_token_id)
         store: Acts = {}
@@ -275,8 +289,84 @@ class SparseCoderModule(LightningModule):
         self.initialized.fill_(True)
         self._initialized = True
 
+    # --- activation cache ------------------------------------------------------------------------
+
+    def _open_activation_cache(self, datamodule) -> None:
+        """Fill the cache's missing shards (each rank its own), wait for every rank, then map it."""
+        from lightning_edit.config import ConfigError
+        from lightning_edit.downstream.cache import state_fingerprint
+        from lightning_edit.sparse.activation_cache import ActivationCache, cache_bytes
+        from datamodules.tokens import make_batch
+
+        if datamodule is None or not hasattr(datamodule, "rows_fingerprint"):
+            raise RuntimeError("data.activation_cache needs the TokenDataModule (its training rows)")
+        ids, lengths = datamodule.train_ids, datamodule.train_lengths
+        dtype = next(self.lm.parameters()).dtype
+        key = {
+            "model": state_fingerprint(self.lm),
+            "corpus": datamodule.source_description(),
+            "rows": datamodule.rows_fingerprint(),
+            "context_length": datamodule.context_length,
+            "packing": datamodule.packing,
+            "hookpoints": self.hookpoints,
+            "mode": self.mode,
+            "bos_token_id": self.hparams.bos_token_id,
+            "dtype": str(dtype),
+        }
+        cache = ActivationCache(self.hparams.activation_cache, key, n_rows=len(ids))
+        rank, world_size = self.global_rank, self.trainer.world_size
+        missing = cache.missing_shards()
+        started = time.perf_counter()
+        # Rank 0 decides, so that every rank takes the same branch (and meets the same barriers).
+        if self.trainer.strategy.broadcast(bool(missing), src=0):
+            widths = {hp: self.adapter.hookpoint_io_dims(hp) for hp in self.hookpoints}
+            widths = {hp: (d_out, None) if self.mode == "sae" else (d_in, d_out) for hp, (d_in, d_out) in widths.items()}
+            valid = torch.arange(ids.shape[1]) < lengths.unsqueeze(1)
+            n_tokens = int(training_positions(ids, valid, self.hparams.bos_token_id).sum())
+            need = cache_bytes(n_tokens, widths, dtype)
+            free = shutil.disk_usage(_existing_parent(cache.root)).free
+            if need > free:
+                raise ConfigError(f"data.activation_cache={cache.root}: the cache needs {need / 1e9:.2f} GB "
+                                  f"({n_tokens:,} tokens), {free / 1e9:.2f} GB are free there")
+            if rank == 0:
+                for line in cache.other_caches():
+                    print(f"activation cache: {line}", file=sys.stderr, flush=True)
+                print(f"activation cache: computing {len(missing)} of {cache.n_shards} shards "
+                      f"({n_tokens:,} tokens, {need / 1e9:.2f} GB) into {cache.dir}", file=sys.stderr, flush=True)
+                cache.write_manifest(widths, dtype)
+            self.trainer.strategy.barrier("activation_cache_manifest")
+
+            def compute(start: int, stop: int):
+                acts: dict[str, list] = {hp: [] for hp in self.hookpoints}
+                counts = []
+                step = datamodule.batch_size
+                for a in range(start, stop, step):
+                    batch = make_batch(ids[a : min(a + step, stop)], lengths[a : min(a + step, stop)])
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    got, _ = self.collect_activations(batch, use_cache=False)
+                    counts.append(training_positions(batch["input_ids"], batch["attention_mask"],
+                                                     self.hparams.bos_token_id).sum(1).cpu())
+                    for hp, pair in got.items():
+                        acts[hp].append(pair)
+                joined = {hp: (torch.cat([x for x, _ in parts]),
+                               None if parts[0][1] is None else torch.cat([y for _, y in parts]))
+                          for hp, parts in acts.items()}
+                return joined, torch.cat(counts)
+
+            cache.build(compute, rank, world_size, progress=rank == 0)
+            self.trainer.strategy.barrier("activation_cache_built")
+            self.cache_note = f"built in {time.perf_counter() - started:.1f} s: {cache.dir}"
+        else:
+            self.cache_note = f"reused: {cache.dir}"
+        if rank == 0:
+            print(f"activation cache: {self.cache_note}", file=sys.stderr, flush=True)
+        cache.open()
+        self.cache = cache
+
     def on_train_start(self) -> None:
         self._lm_to_device()
+        if self.hparams.activation_cache and self.cache is None:
+            self._open_activation_cache(getattr(self.trainer, "datamodule", None))
         self._initialized = bool(self.initialized)  # restored from a checkpoint, or not
         self._tokens_seen, self._train_microseconds = int(self.tokens_seen), int(self.train_microseconds)
         self.shuffle.rank = self.global_rank
@@ -434,6 +524,7 @@ class SparseCoderModule(LightningModule):
 
         with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
             logits = self.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        self._vocab_size = logits.shape[-1]
         ce_clean, n = self._ce(logits, ids, attention)
         self.val_ce_clean.update(ce_clean, n)
         for hp in self.hookpoints:
@@ -458,19 +549,22 @@ class SparseCoderModule(LightningModule):
         for hp in self.hookpoints:
             key = hookpoint_key(hp)
             spliced, zero = float(self.val_ce_spliced[key].compute()), float(self.val_ce_zero[key].compute())
-            denominator = zero - clean
-            score = (zero - spliced) / denominator if abs(denominator) > 1e-12 else float("nan")
+            ce = ce_loss_score(clean, spliced, zero, self._vocab_size)
             results[hp] = {
                 "fvu": float(self.val_fvu[key].compute()),
                 "l0": float(self.val_l0[key].compute()),
                 "ce_clean": clean,
                 "ce_spliced": spliced,
                 "ce_zero": zero,
-                "ce_loss_score": score,
+                "ce_loss_score": ce.score,
+                "ce_uniform": ce.uniform,
+                "ce_loss_score_meaningful": float(ce.meaningful),
             }
             for name, value in results[hp].items():
-                if name != "ce_clean":
+                if name not in ("ce_clean", "ce_uniform"):
                     logs[f"val/{hp}/{name}"] = value
+            results[hp]["ce_loss_score_meaningful"] = ce.meaningful
+            results[hp]["ce_loss_score_note"] = ce.note
         for metric in metrics:
             metric.reset()
         if self.trainer.sanity_checking:
@@ -479,3 +573,11 @@ class SparseCoderModule(LightningModule):
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True)
         self.final_metrics = results
         self.last_val_step = self.global_step
+
+
+def _existing_parent(path: Path) -> Path:
+    """``path`` or its nearest existing parent (for a free-space check before it is created)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datamodules.tokens import StepBatches, TokenDataModule, tokenize_rows
+from datamodules.tokens import CorpusError, StepBatches, TokenDataModule, tokenize_rows
 from lightning_edit.cli import run_job
 from lightning_edit.sparse import load_sparse_coders
 from modules.sparse_coder_module import SparseCoderModule, TokenShuffle, training_positions
@@ -199,9 +199,12 @@ def test_resume_continues_exactly(small_world, tmp_path):
 
 
 def test_two_process_cpu_ddp_keeps_replicas_identical(small_world, tmp_path):
+    """Two real processes (gloo), the LM's activations cached on disk: each rank computes its
+    shards of the cache, both train from all of it."""
     out = tmp_path / "ddp"
     args = _overrides(small_world, out, "hookpoints=[layers.1]", "trainer.max_steps=12",
-                      "trainer.devices=2", "trainer.strategy=ddp", "dump_rank_weights=true")
+                      "trainer.devices=2", "trainer.strategy=ddp", "dump_rank_weights=true",
+                      f"data.activation_cache={tmp_path / 'acts'}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("LOCAL_RANK", None)
     result = subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], cwd=tmp_path,
@@ -228,6 +231,9 @@ def test_two_process_cpu_ddp_keeps_replicas_identical(small_world, tmp_path):
             batch = dataset.batch(step)
             expected += int(training_positions(batch["input_ids"], batch["attention_mask"], dm.tokenizer.bos_token_id).sum())
     assert summary["steps"] == 12 and summary["tokens_seen"] == expected
+    assert summary["activation_cache"].startswith("built")
+    (manifest,) = (tmp_path / "acts").glob("*/manifest.json")
+    assert len(list(manifest.parent.glob("shard-*/offsets.npy"))) == -(-json.loads(manifest.read_text())["n_rows"] // 1024)
     assert "| layers.1 |" in result.stdout
 
 
@@ -245,7 +251,7 @@ def test_documents_from_txt_jsonl_parquet_and_folders(tmp_path):
     assert read_documents(tmp_path / "d", text_field="body") == ["one", "two", "three", "four", "five"]
     with pytest.raises(ValueError, match="b.jsonl:1: no field 'text'"):
         read_documents(tmp_path / "d" / "b.jsonl")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CorpusError, match="does not exist"):
         read_documents(tmp_path / "missing.txt")
 
 
@@ -254,7 +260,7 @@ def test_streamed_dataset_follows_the_same_step_schedule(small_world, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     lines = small_world.corpus_path.read_text().splitlines()[:300]
     corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    dm = TokenDataModule(small_world.load_tokenizer(), path=str(corpus), streaming=True,
+    dm = TokenDataModule(small_world.load_tokenizer(), path=str(corpus), streaming=True, packing=True,
                          context_length=16, batch_size=4, val_sequences=8)
     dm.setup()
     assert dm.packing and dm.val_ids.shape == (8, 16)

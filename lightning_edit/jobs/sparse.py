@@ -54,18 +54,21 @@ class SparseDataSection:
     """The token stream (datamodules/tokens.py)."""
 
     path: str | None = None
-    """.txt/.jsonl/.parquet file, a folder of them, or a Hugging Face dataset name; None = the
-    embedded world's corpus (model.name must then be a world)."""
+    """.txt/.jsonl/.parquet file, a folder of them, a `datasets` save_to_disk folder, or a Hugging
+    Face dataset name; None = the embedded world's corpus (model.name must then be a world)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet/HF records."""
+    txt_documents: str = "lines"
+    """.txt files: `lines` (a document per non-empty line) or `file` (the whole file is one)."""
     hf_name: str | None = None
     """Hugging Face dataset config name."""
     split: str = "train"
     streaming: bool = False
     """Stream local files through `datasets` instead of tokenising them all up front."""
     context_length: int = 64
-    packing: bool | None = None
-    """Concatenate documents (EOS between) into full rows; None = off for the world corpus, on otherwise."""
+    packing: bool | str | None = "auto"
+    """Concatenate documents (EOS between) into full rows: true, false, or auto (pack only when one
+    document per row would truncate more than 10% of the corpus's tokens; said in one log line)."""
     batch_size: int = 32
     """Sequences per step per device."""
     val_batch_size: int | None = None
@@ -76,6 +79,10 @@ class SparseDataSection:
     """Held-out sequences for validation (spliced-in CE, FVU)."""
     max_tokens: int | None = None
     """Stop after this many training tokens (over all ranks); None = trainer.max_steps decides."""
+    activation_cache: str | None = None
+    """A folder for the LM's activations at every hookpoint, computed once (sharded over ranks)
+    and reused by later epochs and runs; keyed by model, training rows, hookpoints and mode.
+    None = run the LM on every batch."""
 
 
 @dataclass
@@ -158,10 +165,11 @@ def _processes_per_node(trainer_cfg: dict[str, Any]) -> int:
 
 
 def train(cfg: DictConfig, job: str) -> int:
-    """Run the job; a config problem found only now (a bad resume path, ...) exits with status 2."""
+    """Run the job; a config or corpus problem found only now (a bad resume path, a missing file or
+    field, an empty corpus) exits with status 2 before anything is written."""
     try:
         return _train(cfg, job)
-    except ConfigError as exc:
+    except ConfigError as exc:  # CorpusError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -195,7 +203,20 @@ def _train(cfg: DictConfig, job: str) -> int:
     rank0 = rank_zero_only.rank == 0
     set_cpu_threads(cfg.threads, _processes_per_node(trainer_cfg))
     seed_everything(cfg.seed)
+
+    # The corpus is read and tokenised before anything is written: a wrong file, field or an empty
+    # corpus ends here (CorpusError, exit 2) with no run folder.
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    max_tokens = data.pop("max_tokens")
+    shuffle_buffer = data.pop("shuffle_buffer")
+    activation_cache = data.pop("activation_cache")
+    world_corpus = _world_corpus(cfg.model.name) if data["path"] is None else None
+    datamodule = TokenDataModule(tokenizer, world_corpus=world_corpus, seed=cfg.seed, **data)
+    datamodule.setup()
     if rank0:
+        if datamodule.packing_note:
+            print(datamodule.packing_note, file=sys.stderr, flush=True)
         save_config(cfg, output_dir)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
@@ -204,12 +225,6 @@ def _train(cfg: DictConfig, job: str) -> int:
     if ckpt_path:
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    max_tokens = data.pop("max_tokens")
-    shuffle_buffer = data.pop("shuffle_buffer")
-    world_corpus = _world_corpus(cfg.model.name) if data["path"] is None else None
-    datamodule = TokenDataModule(tokenizer, world_corpus=world_corpus, seed=cfg.seed, **data)
     module = SparseCoderModule(
         model,
         list(cfg.hookpoints),
@@ -223,6 +238,7 @@ def _train(cfg: DictConfig, job: str) -> int:
         max_tokens=max_tokens,
         bos_token_id=tokenizer.bos_token_id,
         dump_rank_weights_to=str(output_dir / "ranks") if cfg.dump_rank_weights else None,
+        activation_cache=activation_cache,
     )
 
     checkpoints = output_dir / "checkpoints"
@@ -244,7 +260,8 @@ def _train(cfg: DictConfig, job: str) -> int:
         callbacks=callbacks,
         default_root_dir=str(output_dir),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is read without unpickling code (tensors and plain values only).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # the final state, for resume=last
@@ -253,7 +270,7 @@ def _train(cfg: DictConfig, job: str) -> int:
 
     export_dir = Path(cfg.export_dir) if cfg.export_dir else output_dir / "export"
     export_and_check(module, ModelAdapter(model), export_dir)
-    rows = summary_rows(module, export_dir)
+    rows = summary_rows(module, export_dir, packing=datamodule.packing)
     table = markdown_table(rows)
     (output_dir / "summary.md").write_text(table + "\n")
     (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -283,7 +300,7 @@ def export_and_check(module, adapter, export_dir: Path) -> None:
                 raise RuntimeError(f"{export_dir}/{hp}: {name} changed on the export round trip")
 
 
-def summary_rows(module, export_dir: Path) -> list[dict[str, Any]]:
+def summary_rows(module, export_dir: Path, packing: bool | None = None) -> list[dict[str, Any]]:
     tokens, seconds = int(module.tokens_seen), int(module.train_microseconds) / 1e6
     rate = tokens / seconds if seconds > 0 else 0.0
     rows = []
@@ -299,10 +316,15 @@ def summary_rows(module, export_dir: Path) -> list[dict[str, Any]]:
             "ce_spliced": metrics.get("ce_spliced"),
             "ce_zero": metrics.get("ce_zero"),
             "ce_loss_score": metrics.get("ce_loss_score"),
+            "ce_uniform": metrics.get("ce_uniform"),
+            "ce_loss_score_meaningful": metrics.get("ce_loss_score_meaningful"),
+            "ce_loss_score_note": metrics.get("ce_loss_score_note"),
             "num_latents": module.coder(hp).num_latents,
             "k": module.coder(hp).cfg.k,
+            "packing": packing,
             "tokens_seen": tokens,
             "tokens_per_s": rate,
+            "activation_cache": module.cache_note,
             "steps": module.global_step,
             "files": str(export_dir / hp),
         })
@@ -310,6 +332,7 @@ def summary_rows(module, export_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary table; a ce_loss_score that means nothing is marked (!) and explained below."""
     def fmt(value: Any, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
@@ -317,11 +340,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| hookpoint | FVU | L0 | dead | ce_loss_score | CE clean / spliced / zero | tokens seen | tokens/s | files |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    notes = []
     for r in rows:
         ce = " / ".join(fmt(r[k], ".3f") for k in ("ce_clean", "ce_spliced", "ce_zero"))
+        score = fmt(r["ce_loss_score"], ".3f")
+        if r.get("ce_loss_score_meaningful") is False:
+            score += " (!)"
+            notes.append(f"(!) {r['hookpoint']}: ce_loss_score is not meaningful: {r['ce_loss_score_note']}")
         lines.append(
             f"| {r['hookpoint']} | {fmt(r['fvu'], '.4f')} | {fmt(r['l0'], '.1f')} | "
-            f"{r['dead_frac']:.1%} | {fmt(r['ce_loss_score'], '.3f')} | {ce} | {r['tokens_seen']:,} | "
+            f"{r['dead_frac']:.1%} | {score} | {ce} | {r['tokens_seen']:,} | "
             f"{r['tokens_per_s']:,.0f} | {r['files']} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))

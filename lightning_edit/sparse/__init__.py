@@ -2,6 +2,7 @@
 
 from .coder import DeadLatentTracker, ForwardOutput, TopKSparseCoder, default_lr
 from .config import SparseCoderConfig
+from .scores import CEScore, ce_loss_score
 from .splice import TranscoderMLP
 from .formats import (
     SparseCoderFormatError,
@@ -18,6 +19,8 @@ from .formats import (
 )
 
 __all__ = [
+    "CEScore",
+    "ce_loss_score",
     "DeadLatentTracker",
     "ForwardOutput",
     "SparseCoderConfig",

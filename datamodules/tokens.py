@@ -674,7 +674,8 @@ class TokenDataModule(LightningDataModule):
 
     # Nothing to checkpoint: the position in the stream is trainer.global_step.
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batch_size": self.batch_size, "context_length": self.context_length}
+        return {"seed": self.seed, "batch_size": self.batch_size, "context_length": self.context_length,
+                "packing": self.packing}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()

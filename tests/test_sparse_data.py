@@ -335,3 +335,21 @@ def test_job_flags_a_score_on_text_the_model_does_not_fit(small_world, tmp_path,
         logged = [float(r["val/layers.0/ce_loss_score_meaningful"]) for r in csv.DictReader(f)
                   if r.get("val/layers.0/ce_loss_score_meaningful")]
     assert logged and logged[-1] == 0.0
+
+
+class _Payload:
+    """Pickles as a call to print: what a weights-only load must refuse to run."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling(small_world, tmp_path, capsys):
+    torch.save({"state_dict": {}, "extra": _Payload()}, tmp_path / "bad.ckpt")
+    out = tmp_path / "run"
+    rc = run_job("sae", _job(small_world, out, f"data.path={small_world.corpus_path}", "trainer.max_steps=2",
+                             f"resume={tmp_path / 'bad.ckpt'}"))
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and "payload ran" not in captured.out + captured.err
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("error: ")]
+    assert "does not load as a checkpoint with weights_only=True" in line and "Unsupported global" in line

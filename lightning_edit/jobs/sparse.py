@@ -133,23 +133,43 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 def _resume_path(cfg: DictConfig, job: str) -> tuple[str | None, str | None]:
-    """(checkpoint path, output dir to continue in) for `resume`."""
+    """(checkpoint path, output dir to continue in) for `resume`; the checkpoint is checked to load
+    with ``weights_only=True`` (tensors and plain values, no code unpickled) before anything runs."""
     if not cfg.resume:
         return None, cfg.output_dir
     if cfg.resume != "last":
         path = Path(cfg.resume)
         if not path.is_file():
             raise ConfigError(f"resume: checkpoint '{path}' does not exist")
-        return str(path), cfg.output_dir
+        return _checked_checkpoint(path), cfg.output_dir
     if cfg.output_dir:
         path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise ConfigError(f"resume=last: no {path}")
-        return str(path), cfg.output_dir
+        return _checked_checkpoint(path), cfg.output_dir
     candidates = sorted(Path("runs", job).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError(f"resume=last: no runs/{job}/*/checkpoints/last.ckpt; give output_dir or a path")
-    return str(candidates[-1]), str(candidates[-1].parents[1])
+    return _checked_checkpoint(candidates[-1]), str(candidates[-1].parents[1])
+
+
+def _checked_checkpoint(path: Path) -> str:
+    import pickle
+
+    import torch
+
+    try:
+        # mmap: the tensors are not read, only the pickled structure is checked.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's weights-only refusal names the offending global on a later line: show that one.
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise ConfigError(
+            f"resume: {path} does not load as a checkpoint with weights_only=True (tensors and plain "
+            f"values only): {reason}"
+        ) from None
+    return str(path)
 
 
 def _world_corpus(model_name: str) -> Path | None:

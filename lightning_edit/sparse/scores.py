@@ -12,8 +12,11 @@ import math
 from dataclasses import dataclass
 
 # A score this far above 1 means the coder's reconstruction *improves* on the clean model, which a
-# reconstruction of the model's own activations cannot do on text the model fits (measured on the
-# default world: 0.999-1.002 on in-distribution text; packed single-sentence text gave > 1.02).
+# reconstruction of the model's own activations cannot do on text the model fits. Measured: on the
+# default world's own sentences the scores are 0.999-1.002 (README), so 1.02 leaves room for noise;
+# issue 12 saw scores above it on a held-back single-sentence world fed packed text. The uniform
+# bound: 300 lines of random words from toyworld-small's vocabulary give a clean CE of 8.78 against
+# ln 265 = 5.58 (tests/test_sparse_data.py trains on exactly that and expects the flag).
 MAX_MEANINGFUL_SCORE = 1.02
 
 
@@ -36,7 +39,8 @@ def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero: float, vocab_size
     if ce_clean > uniform:
         reasons.append(
             f"clean CE {ce_clean:.3f} is above the uniform entropy ln({vocab_size}) = {uniform:.3f}: "
-            "the model does not fit this text (packed documents it never saw together? see data.packing)"
+            "the model does not fit this text (unlike its training text, or packed where it never saw packing: "
+            "see data.packing)"
         )
     if not denominator > 0:
         reasons.append(

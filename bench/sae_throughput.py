@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one implementation
     p.add_argument("--worker-latents", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # handed on to the worker processes
     args.widths = [int(w) for w in str(args.num_latents).split(",")]
     return args
 
@@ -239,7 +240,7 @@ def run_one(args, impl: str, num_latents: int) -> dict:
         return {**base, "skipped": "not installed (pip install eai-sparsify, or the `bench` extra)"}
     if need > args.memory_fraction * free:
         return {**base, "skipped": f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", impl,
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--worker", impl,
            "--worker-latents", str(num_latents)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -317,7 +318,7 @@ def main(argv=None) -> None:
     if args.out != "none":
         out = Path(args.out) if args.out else RESULTS / f"sae_throughput_{args.d_in}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"`python bench/sae_throughput.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+        out.write_text(f"`python bench/sae_throughput.py {' '.join(args.argv)}`\n\n{text}\n")
         print(f"\nwritten to {out}")
 
 

@@ -183,14 +183,20 @@ def test_multi_topk_fvu_present_only_when_enabled():
     assert out.multi_topk_fvu.requires_grad
 
 
-def test_sparse_backward_matches_dense_autograd():
+@pytest.mark.parametrize("auxk_dense_factor", [0, 100])  # AuxK by sparse gather / by dense GEMMs
+def test_sparse_backward_matches_dense_autograd(monkeypatch, auxk_dense_factor):
+    import lightning_edit.sparse.coder as coder_module
+
+    monkeypatch.setattr(coder_module, "AUXK_DENSE_FACTOR", auxk_dense_factor)
     sae = make_sae(multi_topk=True, k_aux=8)
+    assert sae._auxk_is_dense(64, 16, 8) == bool(auxk_dense_factor)
     x = batch()
     sae.initialize(x)
     dead = torch.zeros(N_LATENTS, dtype=torch.bool)
-    dead[::3] = True
+    dead[::4] = True  # 16 dead: a quarter of the latents, the dense path's cap
     out = sae(x, dead_mask=dead)
     (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+    assert out.auxk_loss > 0
 
     ref = make_sae(multi_topk=True, k_aux=8)
     ref.load_state_dict(sae.state_dict())
@@ -217,11 +223,14 @@ def test_bfloat16_autocast_forward_backward():
     sae = make_sae()
     x = batch()
     sae.initialize(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sae(x, dead_mask=torch.ones(N_LATENTS, dtype=torch.bool))
-    (out.fvu + out.auxk_loss).backward()
-    assert out.output.dtype == torch.float32 and torch.isfinite(out.fvu)
-    assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+    for dead in (torch.ones(N_LATENTS, dtype=torch.bool), torch.arange(N_LATENTS) < 8):  # sparse / dense AuxK
+        assert sae._auxk_is_dense(64, int(dead.sum()), sae.k_aux) == (int(dead.sum()) == 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss).backward()
+        assert out.output.dtype == torch.float32 and torch.isfinite(out.fvu) and out.auxk_loss > 0
+        assert all(p.grad.layout == torch.strided and torch.isfinite(p.grad).all() for p in sae.parameters())
+        sae.zero_grad(set_to_none=True)
     bf16 = make_sae().to(torch.bfloat16)
     assert bf16(x.bfloat16()).output.dtype == torch.bfloat16
 

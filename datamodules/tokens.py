@@ -492,6 +492,8 @@ class TokenDataModule(LightningDataModule):
         super().__init__()
         self.tokenizer = tokenizer
         self.path, self.world_corpus = path, world_corpus
+        if txt_documents not in TXT_DOCUMENTS:
+            raise CorpusError(f"data.txt_documents must be one of {TXT_DOCUMENTS}, got {txt_documents!r}")
         self.text_field, self.txt_documents = text_field, txt_documents
         self.hf_name, self.split, self.streaming = hf_name, split, streaming
         self.context_length = context_length
@@ -600,6 +602,8 @@ class TokenDataModule(LightningDataModule):
                 raise CorpusError(f"{p}: no {', '.join(TEXT_SUFFIXES)} files")
             builder = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}[Path(files[0]).suffix]
             path, kwargs = builder, {"data_files": {"train": files}, "split": "train", "streaming": True}
+            if builder == "text" and self.txt_documents == "file":
+                kwargs["sample_by"] = "document"
         elif self.hf_name:
             kwargs["name"] = self.hf_name
         try:

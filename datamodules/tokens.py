@@ -203,10 +203,11 @@ def encode_documents(docs: list[str], tokenizer, chunk: int = 4096) -> tuple[np.
 
 # data.packing=auto packs when one document per row would truncate more than this share of the
 # corpus's tokens. Measured: the embedded worlds' corpora (one fact sentence per line) are 9 tokens
-# at the median and 11 at the 90th percentile with BOS (toyworld; toyworld-small 9 / 10), so at
-# context 64 nothing is truncated and they stay one sentence per row, which is what their LMs were
-# trained on (packed, such an LM scores worse than uniform: FINDINGS.md); a whole-file .txt
-# truncates ~100% and is packed. Below 10%, one document per row loses little text and never puts
+# at the median and 11 at the 90th percentile with BOS (toyworld; toyworld-small 9 / 10), 13 / 16
+# with GPT-2's byte-level BPE and no BOS (toyworld-gpt2), so at context 64 nothing is truncated and
+# they stay one sentence per row, which is what their LMs were trained on (packed, their clean CE
+# rises from 1.01 to 2.52 on toyworld-small and from 0.45 to 2.48 on toyworld-gpt2; FINDINGS.md saw
+# worse than uniform on another world); a whole-file .txt truncates ~100% and is packed. Below 10%, one document per row loses little text and never puts
 # unrelated documents in one context; above it, packing is what keeps the corpus.
 PACKING_TRUNCATION_LIMIT = 0.10
 

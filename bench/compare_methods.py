@@ -246,7 +246,7 @@ def collect_params(run: dict[str, Any], model_name: str) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from lightning_edit.editors.state import load_edited
+    from lightning_edit.jobs.edit_run import load_edited
     from lightning_edit.models import ModelAdapter, load_model
 
     hf_logging.disable_progress_bar()

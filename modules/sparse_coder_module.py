@@ -30,15 +30,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from lightning_edit.locate.activations import StopForward, run_until_captured
 from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
 from lightning_edit.sparse import DeadLatentTracker, SparseCoderConfig, TopKSparseCoder, default_lr
 
 Acts = dict[str, tuple[Tensor, Tensor | None]]
 """Per hookpoint: (coder input [n_tokens, d_in], target [n_tokens, d_out] or None for an SAE)."""
-
-
-class _StopForward(Exception):
-    """Raised by the last activation hook: the rest of the LM forward is not needed."""
 
 
 def training_positions(input_ids: Tensor, attention_mask: Tensor | None, bos_token_id: int | None) -> Tensor:
@@ -236,15 +233,12 @@ class SparseCoderModule(LightningModule):
                 else:
                     store[hp] = (hidden[mask], None)
                 if len(store) == len(self.hookpoints):
-                    raise _StopForward
+                    raise StopForward  # the last hookpoint is read: the rest of the forward is not needed
 
             return hook
 
         with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
-            try:
-                self.lm(input_ids=ids, attention_mask=attention, use_cache=False)
-            except _StopForward:
-                pass
+            run_until_captured(self.lm, input_ids=ids, attention_mask=attention)
         missing = [hp for hp in self.hookpoints if hp not in store]
         if missing:
             raise RuntimeError(f"hookpoints {missing} did not run during the LM forward")

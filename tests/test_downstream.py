@@ -36,7 +36,7 @@ from lightning_edit.downstream import (
 )
 from lightning_edit.downstream import humaneval as humaneval_mod
 from lightning_edit.downstream import suite as suite_mod
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, EditorContext, LedgerEntry
 from lightning_edit.models import load_model
 
 
@@ -203,7 +203,7 @@ def test_results_are_cached_per_model_state_task_and_limit(world, model_and_toke
     real = suite_mod.evaluate_lm_eval
     monkeypatch.setattr(suite_mod, "evaluate_lm_eval", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     suite = DownstreamSuite(["toyworld_mc"], limit=8, world_mc_dir=world.mc_dir)
-    editor = InvertingEditor(model, tokenizer, adapter=None, cfg=None)
+    editor = InvertingEditor(EditorContext(model, tokenizer, adapter=None))
     state = editor_fingerprint(editor)
     first = suite.evaluate(model, tokenizer, state)["toyworld_mc"]
     again = suite.evaluate(model, tokenizer, editor_fingerprint(editor))["toyworld_mc"]
@@ -268,7 +268,7 @@ def test_edit_stream_logs_downstream_locality_table_and_plots(world, tmp_path, m
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     model, tokenizer = load_model(str(world.model_dir))
-    editor = InvertingEditor(model, tokenizer, adapter=None, cfg=None)
+    editor = InvertingEditor(EditorContext(model, tokenizer, adapter=None))
     cfg = {"downstream": {"enabled": True, "limit": 12}, "locality": {"n_prompts": 16},
            "examples": {"n_edits": 2, "n_locality": 2, "max_new_tokens": 3}}
     callbacks = build_callbacks(cfg, checkpoints=[1, 3], world=world, output_dir=tmp_path)

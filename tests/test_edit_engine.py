@@ -18,7 +18,8 @@ from datamodules.edits import EditStream
 from lightning_edit.config import load_config
 from lightning_edit.data import EditDataError, read_edits
 from lightning_edit.editors.ft import FineTune, FTConfig
-from lightning_edit.editors.state import build_editor, generate, load_edited, save_edit_state
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import EditScorer, teacher_forced
 from lightning_edit.models import ModelAdapter, load_model
@@ -174,7 +175,7 @@ def test_single_ft_edit_makes_target_argmax_and_round_trips(small_world, tmp_pat
     record = stream.records[0]
     before = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
     assert not before.exact
-    editor = build_editor("ft", {}, model, tokenizer, ModelAdapter(model), model_name=str(small_world.model_dir))
+    editor = new_editor("ft", {}, model, tokenizer, ModelAdapter(model), model_name=str(small_world.model_dir))
     assert isinstance(editor, FineTune) and editor.cfg == FTConfig()  # FT-M's (EasyEdit) defaults
     (entry,) = editor.apply([record])
     after = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
@@ -193,5 +194,5 @@ def test_single_ft_edit_makes_target_argmax_and_round_trips(small_world, tmp_pat
     with pytest.raises(ValueError, match="different base model"):
         load_edited(tmp_path / "state")
     # Asking the reloaded edited model: its greedy continuation is the new target.
-    (text,) = generate(reloaded, [record.prompt], max_new_tokens=1)
+    (text,) = reloaded.generate([record.prompt], max_new_tokens=1)
     assert text.strip() == record.target_new

@@ -13,11 +13,12 @@ import torch
 from lightning_edit.config import load_config
 from lightning_edit.data import read_edits
 from lightning_edit.editors.grace import Grace, GraceConfig
-from lightning_edit.editors.state import build_editor, generate, load_edited, save_edit_state
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor
 from lightning_edit.editors.wise import Wise, WiseConfig, ties_merge
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import teacher_forced
-from lightning_edit.metrics.edit_metrics import join_prompt_target
+from lightning_edit.tokens import join_prompt_target
 from lightning_edit.models import ModelAdapter, load_model
 
 # eps is size-dependent: on the small world's last layer an edit's rephrases sit within 0.56 of its key
@@ -57,7 +58,7 @@ def corpus(small_world):
 
 def editor_for(method: str, params: dict, world, world_model, corpus=None):
     model, tokenizer = world_model
-    editor = build_editor(method, params, model, tokenizer, ModelAdapter(model), model_name=str(world.model_dir))
+    editor = new_editor(method, params, model, tokenizer, ModelAdapter(model), model_name=str(world.model_dir))
     if corpus is not None:
         editor.prepare(corpus)
     return editor
@@ -106,7 +107,7 @@ def test_grace_edit_flips_target_and_leaves_the_rest(small_world, world_model, r
     text = join_prompt_target(record.prompt, record.target_new)
     with editor.edited() as m1, reloaded.edited() as m2:
         assert torch.equal(logits_of(m1, tokenizer, text), logits_of(m2, tokenizer, text))
-    (continuation,) = generate(reloaded, [record.prompt], max_new_tokens=1)
+    (continuation,) = reloaded.generate([record.prompt], max_new_tokens=1)
     assert continuation.strip() == record.target_new
 
 
@@ -164,7 +165,7 @@ def test_wise_edit_flips_target_routes_and_round_trips(small_world, world_model,
     text = join_prompt_target(record.prompt, record.target_new)
     with editor.edited() as m1, reloaded.edited() as m2:
         assert torch.equal(logits_of(m1, tokenizer, text), logits_of(m2, tokenizer, text))
-    (continuation,) = generate(reloaded, [record.prompt], max_new_tokens=1)
+    (continuation,) = reloaded.generate([record.prompt], max_new_tokens=1)
     assert continuation.strip() == record.target_new
 
 

@@ -15,7 +15,8 @@ from datamodules.edits import EditStream
 from lightning_edit.config import load_config
 from lightning_edit.editors.fine import FiNE, contributions
 from lightning_edit.editors.ment import MENT, interpolate, virtual_distribution
-from lightning_edit.editors.state import build_editor, load_edited, save_edit_state
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import teacher_forced
 from lightning_edit.models import ModelAdapter, load_model
@@ -81,7 +82,7 @@ def test_virtual_distribution_follows_algorithm_1():
 
 def test_pinv_interpolation_endpoints(small_world):
     model, tokenizer, adapter = fresh(small_world)
-    editor = build_editor("ment", {"undo_final_norm": False, "patch_scale": 1.0}, model, tokenizer, adapter)
+    editor = new_editor("ment", {"undo_final_norm": False, "patch_scale": 1.0}, model, tokenizer, adapter)
     r_i, r_o = torch.randn(adapter.hidden_size), torch.randn(adapter.hidden_size)
     L = adapter.num_layers
     assert torch.equal(interpolate(r_i, r_o, 0, L), r_i)
@@ -103,7 +104,7 @@ def test_ment_edit_flips_target_and_reports_costs(small_world, tmp_path):
     # patch_scale is size dependent (configs/ment.yaml): the 2-layer test world's distributions are
     # flatter, and Algorithm 1's virtual distribution then differs less from the actual one.
     params = {**yaml_editor("ment"), "patch_scale": 80.0}
-    editor = build_editor("ment", params, model, tokenizer, adapter, model_name=str(small_world.model_dir))
+    editor = new_editor("ment", params, model, tokenizer, adapter, model_name=str(small_world.model_dir))
     assert isinstance(editor, MENT)
     record = records(small_world, 1)[0]
     assert not teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
@@ -144,7 +145,7 @@ def test_ment_skip_action_leaves_the_model_unchanged(small_world):
     model, tokenizer, adapter = fresh(small_world)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # A quota of one barely scaled patch cannot close a fact's logit gap: a skip-action.
-    editor = build_editor("ment", {"quota": 1, "patch_scale": 1.0}, model, tokenizer, adapter)
+    editor = new_editor("ment", {"quota": 1, "patch_scale": 1.0}, model, tokenizer, adapter)
     (entry,) = editor.apply([records(small_world, 1)[0]])
     assert entry.extra["skip"] and entry.metrics_after["neuron_cost"] == editor.cfg.quota + 1
     assert not entry.changed and not editor.patches
@@ -155,7 +156,7 @@ def test_ment_skip_action_leaves_the_model_unchanged(small_world):
 def test_fine_changes_only_its_columns_and_round_trips(small_world, tmp_path):
     model, tokenizer, adapter = fresh(small_world)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = build_editor("fine", yaml_editor("fine"), model, tokenizer, adapter, model_name=str(small_world.model_dir))
+    editor = new_editor("fine", yaml_editor("fine"), model, tokenizer, adapter, model_name=str(small_world.model_dir))
     assert isinstance(editor, FiNE)
     record = records(small_world, 1)[0]
     assert not teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact

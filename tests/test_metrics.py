@@ -16,9 +16,9 @@ from lightning_edit.metrics import (
     locality_predictions,
     perplexity,
     rel_gen_scores,
-    target_positions,
     teacher_forced,
 )
+from lightning_edit.tokens import target_positions
 
 WORDS = ("the capital of france is paris rome berlin madrid who wrote hamlet shakespeare a b c d e "
          "x y z city river mountain plays sings music lives in london tokyo language speaks english "

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_edit.data import read_edits
+from lightning_edit.editors.base import EditorContext
 from lightning_edit.editors.gates import max_jaccard
 from lightning_edit.editors.microedit import MicroEdit, MicroEditConfig
 from lightning_edit.metrics import last_token_argmax
@@ -36,14 +37,15 @@ def make_editor(small_world, small_sae, **overrides) -> MicroEdit:
     folder, hookpoint = small_sae
     model, tokenizer = load_model(str(small_world.model_dir))
     sae = load_sparse_coder(folder)
-    editor = MicroEdit(model, tokenizer, ModelAdapter(model), {**FAST, "hookpoint": hookpoint, **overrides}, sae)
+    editor = MicroEdit(EditorContext(model, tokenizer, ModelAdapter(model), component=sae),
+                       {**FAST, "hookpoint": hookpoint, **overrides})
     editor.prepare(small_world.corpus_path.read_text().splitlines()[:300])
     return editor
 
 
 def test_config_rejects_unknown_and_bad_values():
-    with pytest.raises(ValueError, match="unknown MicroEdit option"):
-        MicroEditConfig.from_mapping({"lrr": 1.0})
+    with pytest.raises(ValueError, match="editor.lrr.*editor 'microedit' keys"):
+        MicroEdit.make_config({"lrr": 1.0})
     with pytest.raises(ValueError, match="editor.gate"):
         MicroEditConfig(gate="sometimes")
     with pytest.raises(ValueError, match="editor.alpha"):
@@ -189,7 +191,7 @@ def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_
     with torch.no_grad(), fresh.edited() as model:
         assert torch.equal(model(**batch).logits, expected)
     fresh.rollback(2)  # the undo log survives the round trip
-    assert len(fresh._masks) == 2
+    assert len(fresh.rows.masks) == 2
     with pytest.raises(ValueError, match="another SAE"):
         other = make_editor(small_world, small_sae)
         other.sae.W_dec.data.add_(1.0)
@@ -204,7 +206,8 @@ def test_generate_with_the_switch(small_world, small_sae, records):
 
 
 def test_diagnostics_auroc_and_proposed_tau(small_world, small_sae, records, tmp_path):
-    from lightning_edit.editors.ard_diagnostics import propose_tau, save_report, scope_report
+    from lightning_edit.jobs.calibrate import save_report
+    from lightning_edit.metrics.gates import propose_tau, scope_report
 
     editor = make_editor(small_world, small_sae)
     for record in records[:3]:

@@ -13,7 +13,8 @@ import torch
 
 from datamodules.edits import EditStream
 from lightning_edit.config import load_config
-from lightning_edit.editors.state import build_editor, load_edited, save_edit_state
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.locate import second_moment
 from lightning_edit.metrics import teacher_forced
@@ -53,7 +54,7 @@ def records(small_world):
 def prepared(method: str, world, corpus: list[str]):
     """(editor, model, tokenizer): a fresh copy of the world's model under a prepared editor."""
     model, tok = load_model(str(world.model_dir))
-    editor = build_editor(method, SMALL[method], model, tok, ModelAdapter(model), model_name=str(world.model_dir))
+    editor = new_editor(method, SMALL[method], model, tok, ModelAdapter(model), model_name=str(world.model_dir))
     editor.prepare(corpus)
     return editor, model, tok
 

@@ -267,7 +267,8 @@ def test_streamed_dataset_follows_the_same_step_schedule(small_world, tmp_path):
 
 
 def test_wandb_is_offline_without_a_key_and_ranks_share_the_run_folder(tmp_path, monkeypatch):
-    from lightning_edit.loggers import RUN_DIR_ENV, resolve_output_dir, wandb_mode
+    from lightning_edit.loggers import wandb_mode
+    from lightning_edit.runtime import RUN_DIR_ENV, resolve_output_dir
 
     (tmp_path / "netrc").write_text("machine example.com login x password y\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))

@@ -12,7 +12,8 @@ import torch
 from lightning_edit.config import load_config
 from lightning_edit.data import read_edits
 from lightning_edit.editors.pnke import PNKE, entropy_threshold
-from lightning_edit.editors.state import build_editor, load_edited, save_edit_state
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor
 from lightning_edit.editors.tcpe import TCPE
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.metrics import teacher_forced
@@ -109,7 +110,7 @@ def flipped(editor, record) -> bool:
 
 def make_tcpe(small_world, transcoder, corpus, stats_dir, **overrides) -> TCPE:
     model, tokenizer, adapter = fresh(small_world)
-    editor = build_editor("tcpe", {**SOLVER, "stats_dir": stats_dir, **overrides}, model, tokenizer, adapter,
+    editor = new_editor("tcpe", {**SOLVER, "stats_dir": stats_dir, **overrides}, model, tokenizer, adapter,
                           {"path": str(transcoder), "hookpoint": HOOKPOINT}, str(small_world.model_dir))
     editor.prepare(corpus)
     return editor
@@ -118,7 +119,7 @@ def make_tcpe(small_world, transcoder, corpus, stats_dir, **overrides) -> TCPE:
 def make_pnke(small_world, corpus, stats_dir, transcoder=None, **overrides) -> PNKE:
     model, tokenizer, adapter = fresh(small_world)
     component = {"path": str(transcoder), "hookpoint": HOOKPOINT} if transcoder else {}
-    editor = build_editor("pnke", {"layer": 0, "preserve_corpus_samples": 200, "stats_dir": stats_dir, **SOLVER,
+    editor = new_editor("pnke", {"layer": 0, "preserve_corpus_samples": 200, "stats_dir": stats_dir, **SOLVER,
                                    **overrides}, model,
                           tokenizer, adapter, component, str(small_world.model_dir))
     editor.prepare(corpus)

@@ -70,7 +70,7 @@ def test_gpt2_tokenizer_is_gpt2_style(gpt2_world, loaded):
 
 
 def test_gpt2_targets_are_token_suffixes_and_often_several_tokens(gpt2_world, loaded):
-    from lightning_edit.metrics.edit_metrics import target_positions
+    from lightning_edit.tokens import target_positions
 
     _, tok = loaded
     lengths = []
@@ -197,12 +197,13 @@ def test_model_adapter_resolves_gpt2(loaded):
     assert adapter.resolve_hookpoints("h.*.mlp") == [f"h.{i}.mlp" for i in range(shape.n_layer)]
 
 
-def test_world_of_finds_the_gpt2_world(gpt2_world, loaded):
-    from lightning_edit.world import world_of
+def test_world_for_finds_the_gpt2_world(gpt2_world, loaded):
+    from lightning_edit.world import world_for
 
     model, _ = loaded
-    world = world_of(model)
-    assert isinstance(world, World) and world.root == gpt2_world.root and world.kb == gpt2_world.kb
+    for name in ("toyworld-gpt2-small", model.config._name_or_path):  # model.name, or the world's model folder
+        world = world_for(name)
+        assert isinstance(world, World) and world.root == gpt2_world.root and world.kb == gpt2_world.kb
 
 
 def test_rome_stream_runs_on_the_gpt2_world(gpt2_world, tmp_path):

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry, greedy_generate
-from lightning_edit.metrics import target_positions
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import target_positions
 
 VAL_INITS = ("cold", "warm")
 REPLACEMENTS = ("replace_last", "replace_after")
@@ -99,8 +100,8 @@ class Grace(Editor):
     name = "grace"
     config_class = GraceConfig
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: GraceConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
+    def setup(self) -> None:
+        cfg, adapter = self.cfg, self.adapter
         self.layer = self.resolve_layer(cfg.layer)
         self.hookpoint = adapter.down_proj_name(self.layer)
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size
@@ -112,8 +113,7 @@ class Grace(Editor):
         self.labels: list[str] = []
         self.entry_edits: list[list[int]] = []  # edit ids each entry serves
         self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     # --- the adapter ------------------------------------------------------------------------------
 
@@ -218,9 +218,7 @@ class Grace(Editor):
         labels = ids[0, start:]  # the target tokens, predicted by the logits at start-1 .. L-2
         position = start - 1  # the prompt's last token: the query
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             query, out = self._query(ids, position)
             entry, action = self._place(query, self._init_value(out), record.target_new, edit_id)
             value = self.values[entry].clone().requires_grad_(True)
@@ -246,8 +244,6 @@ class Grace(Editor):
                     steps += 1
             with torch.no_grad():
                 self.values[entry] = value.detach()
-        finally:
-            self.model.train(was_training)
         entry_record = LedgerEntry(
             edit_id=edit_id,
             case_id=record.case_id,

@@ -73,9 +73,8 @@ class MEMIT(Editor):
     config_class = MEMITConfig
     supports_batch = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MultiLayerConfig,
-                 component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg)
+    def setup(self) -> None:
+        cfg, adapter = self.cfg, self.adapter
         n = adapter.num_layers
         bad = [layer for layer in cfg.layers if not -n <= layer < n]
         if not cfg.layers or bad:

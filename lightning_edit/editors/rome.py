@@ -53,12 +53,11 @@ class ROME(Editor):
     config_class = ROMEConfig
     supports_batch = False
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: ROMEConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg)
-        self.layer = self.resolve_layer(cfg.layer)
-        self.param_name = adapter.down_proj_name(self.layer) + ".weight"
+    def setup(self) -> None:
+        self.layer = self.resolve_layer(self.cfg.layer)
+        self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
-        self.solver = cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
+        self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
         self.second_moment: torch.Tensor | None = None
         """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
 

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.config import ConfigError, RunConfig
+from lightning_edit.constants import CHECKPOINTS_DIR, LAST_CHECKPOINT
 
 SUMMARY = "train top-k sparse autoencoders on residual streams"
 DEFAULT_CONFIG = "sae.yaml"
@@ -135,11 +136,11 @@ def _resume_path(cfg: DictConfig, job: str) -> tuple[str | None, str | None]:
             raise ConfigError(f"resume: checkpoint '{path}' does not exist")
         return str(path), cfg.output_dir
     if cfg.output_dir:
-        path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+        path = Path(cfg.output_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT
         if not path.is_file():
             raise ConfigError(f"resume=last: no {path}")
         return str(path), cfg.output_dir
-    candidates = sorted(Path("runs", job).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(Path("runs", job).glob(f"*/{CHECKPOINTS_DIR}/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError(f"resume=last: no runs/{job}/*/checkpoints/last.ckpt; give output_dir or a path")
     return str(candidates[-1]), str(candidates[-1].parents[1])
@@ -173,7 +174,8 @@ def _train(cfg: DictConfig, job: str) -> int:
 
     from datamodules.tokens import TokenDataModule
     from lightning_edit.config import save_config
-    from lightning_edit.loggers import build_loggers, resolve_output_dir, seed_everything, set_cpu_threads
+    from lightning_edit.loggers import build_loggers
+    from lightning_edit.runtime import resolve_output_dir, seed_everything, set_cpu_threads
     from lightning_edit.models import ModelAdapter, load_model
     from modules.sparse_coder_module import SparseCoderModule
 
@@ -225,7 +227,7 @@ def _train(cfg: DictConfig, job: str) -> int:
         dump_rank_weights_to=str(output_dir / "ranks") if cfg.dump_rank_weights else None,
     )
 
-    checkpoints = output_dir / "checkpoints"
+    checkpoints = output_dir / CHECKPOINTS_DIR
     callbacks = [
         ModelCheckpoint(
             dirpath=checkpoints,
@@ -247,7 +249,7 @@ def _train(cfg: DictConfig, job: str) -> int:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # the final state, for resume=last
+    trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # the final state, for resume=last
     if not trainer.is_global_zero:
         return 0
 

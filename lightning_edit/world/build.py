@@ -69,6 +69,11 @@ class World:
         return cls(root=root, kb=kb, accuracy=json.loads((root / "accuracy.json").read_text()))
 
     @property
+    def name(self) -> str:
+        """The world's name (`toyworld` for a folder `toyworld-seed0-v1`)."""
+        return self.root.name.split("-seed")[0]
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "model"
 
@@ -236,13 +241,12 @@ def resolve_model_path(name: str, seed: int = 0, cache_dir: str | Path | None = 
     return load_world(name, seed, cache_dir).model_dir
 
 
-def world_of(model) -> "World | None":
-    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
+def world_for(model_name: str | Path | None) -> "World | None":
+    """The embedded world a `model.name` means: a world name (built on first use), or the model folder
+    of a built world (`<world.root>/model`); None for any other model."""
+    if not model_name:
         return None
-    root = Path(name).parent
-    try:
-        return World.open(root) if (root / "world.json").is_file() else None
-    except FileNotFoundError:
-        return None
+    if str(model_name) in WORLD_NAMES:
+        return load_world(str(model_name))
+    root = Path(model_name).parent
+    return World.open(root) if _is_built(root) and (root / "world.json").is_file() else None

@@ -1,0 +1,29 @@
+"""File and folder names, spelled once (what a run folder, an edit state and a checkpoint hold)."""
+
+# A run folder (`run edit`, `run sae`, ...): runs/<job>/<stamp>/ unless output_dir says otherwise.
+RUN_CONFIG = "config.yaml"
+"""The resolved config of the run."""
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+EDIT_STATE_DIR = "edit_state"
+"""Where `run edit` saves its edit state (`lightning_edit.editors.state`)."""
+
+# An edit state folder.
+EDITOR_JSON = "editor.json"
+"""The method, its hyperparameters, the base model and component it was built over."""
+STATE_JSON = "state.json"
+"""`editor.state_dict()` with every tensor replaced by a reference into TENSORS_FILE."""
+TENSORS_FILE = "tensors.safetensors"
+LEDGER_JSON = "ledger.json"
+COMPONENT_EXPORT_DIR = "sae"
+"""The edited sparse component in sparsify layout (`<state>/sae/<hookpoint>/`), for editors that export one."""
+
+# A sparse coder checkpoint folder (one hookpoint).
+CODER_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+
+# `calibrate`'s report folder.
+REPORT_JSON = "report.json"
+REPORT_SUMMARY = "summary.md"
+REPORT_PLOT = "ard_diagnostics.png"

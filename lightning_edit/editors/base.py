@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from lightning_edit.models import model_device
+from lightning_edit.sparse.resolve import KIND_NAMES
 from lightning_edit.tokens import padding_side
 
 
@@ -162,9 +163,9 @@ class Editor(ABC):
             return
         kind = "transcoder" if getattr(self.component, "is_transcoder", False) else "sae"
         if self.component is None or kind != request.kind:
-            raise ValueError(f"{request.who} needs a top-k {request.kind} as its component "
-                             f"(got {'none' if self.component is None else 'a ' + kind}); the job resolves "
-                             "component.path, or the embedded world's default")
+            got = "none" if self.component is None else KIND_NAMES[kind]
+            raise ValueError(f"{request.who} needs {KIND_NAMES[request.kind]} (top-k) as its component (got {got}); "
+                             "the job loads component.path, or the embedded world's default")
 
     # The interface --------------------------------------------------------------------------
 

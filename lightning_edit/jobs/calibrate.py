@@ -31,7 +31,7 @@ SUMMARY = "MicroEdit scope gates: ARD / delta / overlap diagnostics, AUROC and a
 DEFAULT_CONFIG = "calibrate.yaml"
 EXAMPLES = """Examples:
   lightning calibrate state=runs/edit/<stamp>              (a finished run, or its edit_state/)
-  lightning calibrate state=runs/edit/<stamp> data=<edit file> corpus=<text file>
+  lightning calibrate state=runs/edit/<stamp> data=<edits.json> corpus=<corpus.txt>
   lightning calibrate T=50 editor.gate=ard                 (edit T records of the world first)"""
 TAU_KEYS = {"ard": "tau", "delta": "delta_tau", "overlap": "overlap_tau"}
 """The MicroEdit config key holding each gate's threshold."""
@@ -61,6 +61,8 @@ class CalibrateConfig:
     """Without `state`: the edit job's config the editor is built from."""
     editor: dict[str, Any] = field(default_factory=dict)
     """Without `state`: MicroEdit options over that config's `editor:` section (e.g. editor.gate=ard)."""
+    edit_overrides: list[str] = field(default_factory=list)
+    """Without `state`: any other `run edit` overrides, e.g. '["component.path=<sae folder>"]'."""
 
 
 SCHEMA = CalibrateConfig
@@ -114,7 +116,7 @@ def _edited_now(cfg: DictConfig):
     from lightning_edit.jobs.edit_run import build_edit_run
 
     overrides = [f"config={cfg.edit_config}", f"model.name={cfg.world}", f"data.limit={cfg.T}",
-                 f"threads={cfg.threads}"]
+                 f"threads={cfg.threads}", *cfg.edit_overrides]
     edit_cfg = load_config(edit_job.SCHEMA, overrides)
     edit_cfg.data.path, edit_cfg.data.corpus = cfg.data, cfg.corpus
     edit_cfg.editor = OmegaConf.merge(edit_cfg.editor, cfg.editor)

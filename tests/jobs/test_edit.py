@@ -1,9 +1,6 @@
-"""The lifelong edit engine end to end on the test-size world, with FT-M as the editor.
-
-EditStream (seeded order, limit, batches, bad data stops the run), EditModule + `run edit` (results
-files under both protocols), kill-and-resume equals an uninterrupted run, and the saved edit state
-reloads onto a fresh model with the same predictions.
-"""
+"""`run edit` end to end on the test-size world (lightning_edit.jobs.edit, EditModule): bad data stops
+the run before any edit, results under both protocols, kill-and-resume equals an uninterrupted run,
+the saved edit state reloads; every method's YAML runs a short stream."""
 
 from __future__ import annotations
 
@@ -16,23 +13,15 @@ from safetensors.torch import load_file
 
 from datamodules.edits import EditStream
 from lightning_edit.config import load_config
-from lightning_edit.data import EditDataError, read_edits
-from lightning_edit.editors.ft import FineTune, FTConfig
-from lightning_edit.editors.state import save_edit_state
-from lightning_edit.jobs.edit_run import load_edited, new_editor
+from lightning_edit.data import EditDataError
+from lightning_edit.editors.ft import FineTune
 from lightning_edit.jobs import edit as edit_job
-from lightning_edit.metrics import EditScorer, teacher_forced
-from lightning_edit.models import ModelAdapter, load_model
+from lightning_edit.jobs.edit_run import load_edited
+from lightning_edit.metrics import EditScorer
+from lightning_edit.models import load_model
 from lightning_edit.world import resolve_model_path
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on shared cores: more threads only slow them down (FINDINGS.md).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import HOOKPOINT
 
 
 def edit_cfg(world, output_dir: Path, *overrides: str):
@@ -61,37 +50,6 @@ def short_run(small_world, tmp_path_factory):
     cfg = edit_cfg(small_world, out, "data.limit=5", "eval.checkpoints=[1,5]")
     assert edit_job.run(cfg) == 0
     return out
-
-
-def test_stream_is_seeded_limited_and_batched(small_world):
-    path = small_world.counterfact_path
-    full = read_edits(path)
-
-    def stream(**kwargs) -> EditStream:
-        s = EditStream(path, **kwargs)
-        s.setup("fit")
-        return s
-
-    a, b = stream(order_seed=3, limit=7), stream(order_seed=3, limit=7)
-    assert [r.case_id for r in a.records] == [r.case_id for r in b.records]
-    assert a.num_edits == 7
-    other = stream(order_seed=4, limit=7)
-    assert [r.case_id for r in other.records] != [r.case_id for r in a.records]
-    longer = stream(order_seed=3, limit=12)  # a larger T extends the same order
-    assert [r.case_id for r in longer.records[:7]] == [r.case_id for r in a.records]
-    assert sorted(r.case_id for r in stream(order_seed=3, limit=None).records) == [r.case_id for r in full]
-
-    batched = stream(order_seed=3, limit=7, batch_size=3)
-    batches = list(batched.train_dataloader())
-    assert [len(x) for x in batches] == [3, 3, 1]
-    assert [r.case_id for x in batches for r in x] == [r.case_id for r in a.records]
-    assert all(isinstance(x, list) for x in batches)
-
-    # Resuming the loader after two batches yields exactly the rest, in order.
-    loader = batched.train_dataloader()
-    loader.load_state_dict({"batches_done": 2})
-    assert [[r.case_id for r in x] for x in loader] == [[r.case_id for r in batches[2]]]
-    assert len(loader) == 3  # Lightning counts on from the restored progress
 
 
 def test_malformed_record_stops_before_any_edit(small_world, tmp_path, monkeypatch):
@@ -168,31 +126,34 @@ def test_saved_edit_state_reloads_onto_a_fresh_model(short_run, small_world):
     assert scorer.score(base, stream.records)["rel"] < scores["rel"]
 
 
-def test_single_ft_edit_makes_target_argmax_and_round_trips(small_world, tmp_path):
-    model, tokenizer = load_model(str(small_world.model_dir))
-    stream = EditStream(small_world.counterfact_path, limit=1)
-    stream.setup("fit")
-    record = stream.records[0]
-    before = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
-    assert not before.exact
-    editor = new_editor("ft", {}, model, tokenizer, ModelAdapter(model), model_name=str(small_world.model_dir))
-    assert isinstance(editor, FineTune) and editor.cfg == FTConfig()  # FT-M's (EasyEdit) defaults
-    (entry,) = editor.apply([record])
-    after = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
-    assert after.exact and entry.metrics_after["target_argmax"] == 1.0 and entry.steps > 0
-    assert entry.changed and entry.delta_norm > 0
+@pytest.mark.parametrize("method, overrides", [
+    ("grace", []),
+    ("wise", ["editor.layer=0", "editor.n_iter=20", "editor.save_freq=2", "editor.merge_freq=4"]),
+])
+def test_baseline_configs_run_a_short_stream(small_world, tmp_path, method, overrides):
+    cfg = load_config(edit_job.SCHEMA, [
+        f"config=baselines/{method}.yaml", "model.name=toyworld-small", f"output_dir={tmp_path}",
+        "logger=csv", "threads=1", "trainer.enable_progress_bar=false", "data.limit=4",
+        "eval.checkpoints=[4]", *overrides,
+    ])
+    assert edit_job.run(cfg) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["method"] == method and results["meta"]["edits"] == 4
+    assert (Path(tmp_path) / "edit_state" / "tensors.safetensors").is_file()
 
-    save_edit_state(editor, tmp_path / "state")
-    reloaded, fresh, _ = load_edited(tmp_path / "state")
-    ids = tokenizer([record.prompt + " " + record.target_new], return_tensors="pt")["input_ids"]
-    with torch.no_grad(), editor.edited() as m1, reloaded.edited() as m2:
-        assert torch.equal(m1(input_ids=ids).logits, m2(input_ids=ids).logits)
-    assert fresh is not model
-    # Edits made on another base model (e.g. a rebuilt world) are refused.
-    settings = json.loads((tmp_path / "state" / "editor.json").read_text())
-    (tmp_path / "state" / "editor.json").write_text(json.dumps({**settings, "base_fingerprint": "0" * 16}))
-    with pytest.raises(ValueError, match="different base model"):
-        load_edited(tmp_path / "state")
-    # Asking the reloaded edited model: its greedy continuation is the new target.
-    (text,) = reloaded.generate([record.prompt], max_new_tokens=1)
-    assert text.strip() == record.target_new
+
+
+
+def test_edit_job_runs_both_methods(small_world, small_transcoder, stats_dir, tmp_path):
+    for method in ("tcpe", "pnke"):
+        out = tmp_path / method
+        overrides = [f"config={method}.yaml", "model.name=toyworld-small", f"output_dir={out}", "logger=csv",
+                     "threads=1", "trainer.enable_progress_bar=false", "data.limit=3", "eval.checkpoints=[3]",
+                     f"component.path={small_transcoder[0]}", f"component.hookpoint={HOOKPOINT}",
+                     "editor.v_lr=0.1", f"editor.stats_dir={stats_dir}", "callbacks.locality.enabled=false",
+                     "callbacks.examples.enabled=false"]
+        if method == "pnke":
+            overrides += ["editor.layer=0", "editor.preserve_corpus_samples=200"]
+        cfg = load_config(edit_job.SCHEMA, overrides)
+        assert edit_job.run(cfg) == 0, method
+        assert (out / "results.json").is_file() and (out / "edit_state" / "state.json").is_file()

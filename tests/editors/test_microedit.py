@@ -1,46 +1,21 @@
-"""MicroEdit on the test-size world: masked rows, gates, rollback, state round trip, diagnostics."""
+"""MicroEdit on the test-size world: masked rows, gates, rollback, state round trip, generation."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from lightning_edit.data import read_edits
-from lightning_edit.editors.base import EditorContext
-from lightning_edit.editors.gates import max_jaccard
 from lightning_edit.editors.microedit import MicroEdit, MicroEditConfig
 from lightning_edit.metrics import last_token_argmax
-from lightning_edit.models import ModelAdapter, load_model
 from lightning_edit.sparse import load_sparse_coder
 
-# Small budgets, a large step: the test world's facts flip in a few dozen steps.
-FAST = dict(mask_tokens="last", lr=5e-3, alpha="auto", tau="calibrate", stage1_max_steps=10,
-            stage2_max_steps=150, stop_nll=0.1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import make_microedit
 
 
 @pytest.fixture(scope="module")
 def records(small_world):
     return read_edits(small_world.counterfact_path)[:6]
-
-
-def make_editor(small_world, small_sae, **overrides) -> MicroEdit:
-    folder, hookpoint = small_sae
-    model, tokenizer = load_model(str(small_world.model_dir))
-    sae = load_sparse_coder(folder)
-    editor = MicroEdit(EditorContext(model, tokenizer, ModelAdapter(model), component=sae),
-                       {**FAST, "hookpoint": hookpoint, **overrides})
-    editor.prepare(small_world.corpus_path.read_text().splitlines()[:300])
-    return editor
 
 
 def test_config_rejects_unknown_and_bad_values():
@@ -54,7 +29,7 @@ def test_config_rejects_unknown_and_bad_values():
 
 
 def test_mask_leaves_other_rows_bit_identical(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae)
+    editor = make_microedit(small_world, small_sae)
     W = editor.sae.W_dec.detach()
     base = W.clone()
     changed = torch.zeros(len(W), dtype=torch.bool)
@@ -71,14 +46,14 @@ def test_mask_leaves_other_rows_bit_identical(small_world, small_sae, records):
 
 
 def test_all_rows_ablation_masks_nothing(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, use_topk_mask=False, mask_tokens="all")
-    last = make_editor(small_world, small_sae)
+    editor = make_microedit(small_world, small_sae, use_topk_mask=False, mask_tokens="all")
+    last = make_microedit(small_world, small_sae)
     entry = editor.apply([records[0]])[0]
     assert len(entry.changed["W_dec"]) > len(last.apply([records[0]])[0].changed["W_dec"])
 
 
 def test_single_edit_makes_target_the_argmax(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="none")
+    editor = make_microedit(small_world, small_sae, gate="none")
     record = records[0]
     target_id = editor.tokenizer(" " + record.target_new, add_special_tokens=False)["input_ids"][0]
     assert last_token_argmax(editor.model, editor.tokenizer, [record.prompt])[0] != target_id
@@ -91,7 +66,7 @@ def test_single_edit_makes_target_the_argmax(small_world, small_sae, records):
 
 
 def test_gate_passes_out_of_scope_input_unchanged(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="delta", delta_tau=1e-9)
+    editor = make_microedit(small_world, small_sae, gate="delta", delta_tau=1e-9)
     editor.apply([records[0]])
     edited_rows = torch.tensor(editor.ledger[0].changed["W_dec"])
     lines = small_world.corpus_path.read_text().splitlines()[:200]
@@ -114,24 +89,15 @@ def test_gate_passes_out_of_scope_input_unchanged(small_world, small_sae, record
 
 
 def test_edited_prompt_is_admitted_by_gates(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="delta")
+    editor = make_microedit(small_world, small_sae, gate="delta")
     editor.apply([records[0]])
     stats = editor.scope_statistics([records[0].prompt], gates=("delta", "overlap"))
     assert stats["delta_last"][0] > editor.tau
     assert stats["overlap_last"][0] == pytest.approx(1.0)  # mask "last": the last token's latents are M
 
 
-def test_max_jaccard():
-    idx = torch.tensor([[[0, 1, 2], [3, 4, 5]]])
-    active = torch.ones_like(idx, dtype=torch.bool)
-    masks = torch.zeros(2, 8, dtype=torch.bool)
-    masks[0, [0, 1, 2]] = True
-    masks[1, [5, 6]] = True
-    assert max_jaccard(idx, active, masks).tolist() == [[1.0, pytest.approx(0.25)]]
-
-
 def test_rollback_restores_decoder_exactly(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae)
+    editor = make_microedit(small_world, small_sae)
     W = editor.sae.W_dec.detach()
     snapshots = [W.clone()]
     for record in records[:3]:
@@ -149,7 +115,7 @@ def test_rollback_restores_decoder_exactly(small_world, small_sae, records):
 
 
 def test_rollback_of_an_earlier_edit_keeps_later_ones(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae)
+    editor = make_microedit(small_world, small_sae)
     W = editor.sae.W_dec.detach()
     base = W.clone()
     first, second = records[0], records[0]  # the same prompt twice: the two edits share every row
@@ -172,7 +138,7 @@ def test_rollback_of_an_earlier_edit_keeps_later_ones(small_world, small_sae, re
 def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_path):
     from lightning_edit.editors.state import load_edit_state, save_edit_state
 
-    editor = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
+    editor = make_microedit(small_world, small_sae, gate="overlap", overlap_tau=0.4)
     for record in records[:3]:
         editor.apply([record])
     prompts = [r.prompt for r in records] + [p.prompt for r in records for p in r.locality[:2]]
@@ -184,7 +150,7 @@ def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_
     exported = load_sparse_coder(tmp_path / "state" / "sae" / small_sae[1])
     assert torch.equal(exported.W_dec, editor.sae.W_dec)
 
-    fresh = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
+    fresh = make_microedit(small_world, small_sae, gate="overlap", overlap_tau=0.4)
     load_edit_state(fresh, tmp_path / "state")
     assert fresh.taus == editor.taus and fresh.alpha == editor.alpha
     assert len(fresh.ledger) == 3
@@ -193,57 +159,13 @@ def test_state_round_trip_onto_fresh_model(small_world, small_sae, records, tmp_
     fresh.rollback(2)  # the undo log survives the round trip
     assert len(fresh.rows.masks) == 2
     with pytest.raises(ValueError, match="another SAE"):
-        other = make_editor(small_world, small_sae)
+        other = make_microedit(small_world, small_sae)
         other.sae.W_dec.data.add_(1.0)
         load_edit_state(other, tmp_path / "state")
 
 
 def test_generate_with_the_switch(small_world, small_sae, records):
-    editor = make_editor(small_world, small_sae, gate="none")
+    editor = make_microedit(small_world, small_sae, gate="none")
     editor.apply([records[0]])
     out = editor.generate([records[0].prompt], max_new_tokens=1)
     assert out[0].strip() == records[0].target_new
-
-
-def test_diagnostics_auroc_and_proposed_tau(small_world, small_sae, records, tmp_path):
-    from lightning_edit.jobs.calibrate import save_report
-    from lightning_edit.metrics.gates import propose_tau, scope_report
-
-    editor = make_editor(small_world, small_sae)
-    for record in records[:3]:
-        editor.apply([record])
-    corpus = small_world.corpus_path.read_text().splitlines()
-    report = scope_report(editor, records[:3], corpus, n_reference=64)
-    for gate, summary in report["summary"].items():
-        assert 0.0 <= summary["auroc_in_vs_out"] <= 1.0, gate
-        assert math.isfinite(summary["proposed_tau"]), gate
-    save_report(report, tmp_path / "diag")
-    assert (tmp_path / "diag" / "ard_diagnostics.png").stat().st_size > 0
-    tau = propose_tau(None, report["values"]["ard"]["before"]["reference"], admits_high=False)
-    assert math.isfinite(tau)
-    # A gate that separates perfectly gets a tau between the groups.
-    assert propose_tau(torch.tensor([0.5, 0.6]), torch.tensor([0.1, 0.2]), admits_high=True) == 0.5
-
-
-def test_calibrate_command_on_a_saved_state(small_world, small_sae, records, tmp_path, capsys):
-    from lightning_edit.cli import lightning_main, main
-    from lightning_edit.editors.state import save_edit_state
-
-    editor = make_editor(small_world, small_sae, gate="overlap", overlap_tau=0.4)
-    for record in records[:2]:
-        editor.apply([record])
-    save_edit_state(editor, tmp_path / "state")
-    out = tmp_path / "calib"
-    assert main(["calibrate", f"state={tmp_path / 'state'}", f"out={out}"]) == 0
-    printed = capsys.readouterr().out
-    line = next(ln for ln in printed.splitlines() if ln.startswith("use it with:"))
-    tau = float(line.split("editor.overlap_tau=")[1])
-    assert 0.0 <= tau <= 1.0  # a Jaccard threshold
-    assert {"report.json", "summary.md", "ard_diagnostics.png"} <= {p.name for p in out.iterdir()}
-    assert main(["calibrate", "oops"]) == 2
-    assert main(["calibrate", f"state={tmp_path / 'missing'}", f"out={tmp_path / 'none'}"]) == 2
-    assert "not an edit state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()
-    capsys.readouterr()
-    with pytest.raises(SystemExit):  # `lightning calibrate --help` is ours, not lightning-sdk's
-        lightning_main(["calibrate", "--help"])
-    assert "propose" in capsys.readouterr().out

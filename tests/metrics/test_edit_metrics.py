@@ -1,4 +1,4 @@
-"""Edit metrics on a tiny random Llama with a word-level tokenizer."""
+"""Edit metrics (lightning_edit.metrics.edit_metrics) on a tiny random Llama with a word-level tokenizer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from lightning_edit.data import EditRecord, LocalityPair
 from lightning_edit.metrics import (
@@ -18,35 +17,13 @@ from lightning_edit.metrics import (
     rel_gen_scores,
     teacher_forced,
 )
-from lightning_edit.tokens import target_positions
 
-WORDS = ("the capital of france is paris rome berlin madrid who wrote hamlet shakespeare a b c d e "
-         "x y z city river mountain plays sings music lives in london tokyo language speaks english "
-         "french german sky blue green red color what was born").split()
-
-
-def make_tokenizer(eos_at_end: bool = False) -> PreTrainedTokenizerFast:
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    template = "<bos> $A <eos>" if eos_at_end else "<bos> $A"
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+from tests.helpers import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()
-
-
-def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +45,6 @@ def rigged(tok, word: str) -> LlamaForCausalLM:
 
 def fact(prompt, target, rephrases=(), locality=()):
     return EditRecord(prompt=prompt, target_new=target, rephrase_prompts=list(rephrases), locality=list(locality))
-
-
-def test_target_positions_are_the_targets(tok):
-    ids, start = target_positions(tok, "the capital of france is", "paris city")
-    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "the", "capital", "of", "france", "is", "paris", "city"]
-    assert start == 6 and tok.convert_ids_to_tokens(ids[start:]) == ["paris", "city"]
-
-
-def test_target_positions_with_eos_appending_tokenizer():
-    eos_tok = make_tokenizer(eos_at_end=True)
-    ids, start = target_positions(eos_tok, "who wrote hamlet", "shakespeare")
-    # The prompt's own <eos> must not be taken as part of the joint sequence's prefix or target.
-    assert eos_tok.convert_ids_to_tokens(ids) == ["<bos>", "who", "wrote", "hamlet", "shakespeare"]
-    assert eos_tok.convert_ids_to_tokens(ids[start:]) == ["shakespeare"]
 
 
 def test_rigged_model_token_accuracy(tok):

@@ -13,7 +13,7 @@ import torch
 from lightning_edit.world import SPECS, World, resolve_model_path
 
 SPEC = SPECS["toyworld-gpt2-small"]
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 
 @pytest.fixture(scope="module")

@@ -90,12 +90,9 @@ def dense_bound_step(args, device, dtype):
     return step
 
 
-def ours_step(args, device, dtype, x, dead_mask):
-    cfg = SparseCoderConfig(d_in=args.d_in, num_latents=args.num_latents, k=args.k)
-    coder = TopKSparseCoder(cfg, device=device)
-    coder.initialize(x)
-    tracker = coder.new_dead_latent_tracker()
-    opt = adam(coder.parameters(), default_lr(coder.num_latents), device)
+def training_step(coder, opt, x, dead_mask, device, dtype, tracker=None):
+    """One step of either library's coder: forward (autocast), FVU + AuxK backward, decoder-norm
+    constraint around the Adam step, the dead-latent tracker updated when given."""
 
     def step():
         with autocast(device, dtype):
@@ -105,9 +102,20 @@ def ours_step(args, device, dtype, x, dead_mask):
         opt.step()
         opt.zero_grad(set_to_none=True)
         coder.set_decoder_norm_to_unit_norm()
-        tracker.update(out.latent_indices, out.latent_acts)
+        if tracker is not None:
+            tracker.update(out.latent_indices, out.latent_acts)
 
     return step
+
+
+def ours_step(args, device, dtype, x, dead_mask):
+    cfg = SparseCoderConfig(d_in=args.d_in, num_latents=args.num_latents, k=args.k)
+    coder = TopKSparseCoder(cfg, device=device)
+    coder.initialize(x)
+    tracker = coder.new_dead_latent_tracker()
+    opt = adam(coder.parameters(), default_lr(coder.num_latents), device)
+
+    return training_step(coder, opt, x, dead_mask, device, dtype, tracker)
 
 
 def sparsify_step(args, device, dtype, x, dead_mask):
@@ -123,16 +131,7 @@ def sparsify_step(args, device, dtype, x, dead_mask):
         coder.b_dec.copy_(x.mean(0))
     opt = adam(coder.parameters(), default_lr(args.num_latents), device)
 
-    def step():
-        with autocast(device, dtype):
-            out = coder(x, dead_mask=dead_mask)
-        (out.fvu + out.auxk_loss).backward()
-        coder.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        coder.set_decoder_norm_to_unit_norm()
-
-    return step
+    return training_step(coder, opt, x, dead_mask, device, dtype)
 
 
 def main() -> None:

@@ -23,6 +23,20 @@ CODER_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 
+# An embedded world's folder (lightning_edit.world).
+WORLD_JSON = "world.json"
+"""The knowledge base."""
+WORLD_ACCURACY = "accuracy.json"
+"""Written last: a world folder holding it is complete."""
+WORLD_CORPUS = "corpus.txt"
+WORLD_ZSRE = "zsre.json"
+WORLD_COUNTERFACT = "counterfact.json"
+WORLD_MC_DIR = "mc"
+
+# `run edit`'s results (lightning_edit.results): results.json, .csv, .md and .png.
+RESULTS_STEM = "results"
+RESULTS_JSON = f"{RESULTS_STEM}.json"
+
 # `calibrate`'s report folder.
 REPORT_JSON = "report.json"
 REPORT_SUMMARY = "summary.md"

@@ -212,11 +212,11 @@ class SparseCoderModule(LightningModule):
 
     # --- activations -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def collect_activations(self, batch: dict[str, Tensor]) -> tuple[Acts, int]:
-        """One LM forward with hooks on every hookpoint -> (activations at training positions, count)."""
-        ids, attention = batch["input_ids"], batch.get("attention_mask")
-        mask = training_positions(ids, attention, self.hparams.bos_token_id)
+    def _capture_hooks(self, batch: dict[str, Tensor], stop: bool) -> tuple[Tensor, Acts, dict[str, Any]]:
+        """(training positions [B, T], the store the hooks fill, one forward hook per hookpoint): each
+        keeps its hookpoint's (input, output) for a transcoder or (output, None) for an SAE at those
+        positions; with `stop`, the last one ends the forward."""
+        mask = training_positions(batch["input_ids"], batch.get("attention_mask"), self.hparams.bos_token_id)
         store: Acts = {}
         transcoder = self.mode == "transcoder"
 
@@ -232,13 +232,19 @@ class SparseCoderModule(LightningModule):
                     store[hp] = (args[0][mask], hidden[mask])
                 else:
                     store[hp] = (hidden[mask], None)
-                if len(store) == len(self.hookpoints):
+                if stop and len(store) == len(self.hookpoints):
                     raise StopForward  # the last hookpoint is read: the rest of the forward is not needed
 
             return hook
 
-        with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
-            run_until_captured(self.lm, input_ids=ids, attention_mask=attention)
+        return mask, store, {hp: capture(hp) for hp in self.hookpoints}
+
+    @torch.no_grad()
+    def collect_activations(self, batch: dict[str, Tensor]) -> tuple[Acts, int]:
+        """One LM forward with hooks on every hookpoint -> (activations at training positions, count)."""
+        mask, store, hooks = self._capture_hooks(batch, stop=True)
+        with self.adapter.hooks(hooks):
+            run_until_captured(self.lm, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         missing = [hp for hp in self.hookpoints if hp not in store]
         if missing:
             raise RuntimeError(f"hookpoints {missing} did not run during the LM forward")
@@ -415,18 +421,8 @@ class SparseCoderModule(LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._lm_to_device()
         ids, attention = batch["input_ids"], batch.get("attention_mask")
-        mask = training_positions(ids, attention, self.hparams.bos_token_id)
-        store: Acts = {}
-        transcoder = self.mode == "transcoder"
-
-        def capture(hp: str):
-            def hook(module, args, output):
-                hidden = hidden_of(output)
-                store[hp] = (args[0][mask], hidden[mask]) if transcoder else (hidden[mask], None)
-
-            return hook
-
-        with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
+        mask, store, hooks = self._capture_hooks(batch, stop=False)
+        with self.adapter.hooks(hooks):
             logits = self.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits
         ce_clean, n = self._ce(logits, ids, attention)
         self.val_ce_clean.update(ce_clean, n)

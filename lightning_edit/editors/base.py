@@ -54,6 +54,11 @@ class LedgerEntry:
     def from_dict(cls, data: dict[str, Any]) -> "LedgerEntry":
         return cls(**data)
 
+    @classmethod
+    def for_record(cls, edit_id: int, record: Any, **fields: Any) -> "LedgerEntry":
+        """The entry of edit `edit_id`, of `record` (its case id, prompt and new target)."""
+        return cls(edit_id=edit_id, case_id=record.case_id, prompt=record.prompt, target=record.target_new, **fields)
+
 
 @dataclass
 class EditorContext:
@@ -217,6 +222,13 @@ class Editor(ABC):
             raise ValueError(f"{key} {verb} {value}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
         return value % n
 
+    def check_state_for(self, state: dict[str, Any], key: str, mine: Any, what: str) -> None:
+        """A ValueError when a saved edit state was made for another `key` (its hookpoint, its edited
+        parameter) than this editor's `mine`; `what` says what sits there (e.g. "transcoder")."""
+        if state.get(key) != mine:
+            raise ValueError(f"{self.name} edit state is for {key} {state.get(key)!r}, this editor's ({what}) is "
+                             f"{mine!r}")
+
     def ledger_state(self) -> list[dict[str, Any]]:
         return [entry.to_dict() for entry in self.ledger]
 
@@ -226,6 +238,14 @@ class Editor(ABC):
     @property
     def device(self) -> torch.device:
         return model_device(self.model)
+
+
+def solved_edit_fields(result: Any, after: Any) -> dict[str, Any]:
+    """The ledger fields of a closed-form edit whose value came from `locate.compute_value`: the solver's
+    steps and its target NLL before, the teacher-forced score after the edit (`metrics.TokenScore`)."""
+    return {"steps": len(result.losses) - 1, "metrics_before": {"target_nll": result.losses[0]["nll"]},
+            "metrics_after": {"target_nll": after.nll, "target_argmax": float(after.exact),
+                              "value_nll": result.final_nll}}
 
 
 @torch.no_grad()

@@ -215,11 +215,8 @@ class FiNE(Editor):
         changed: dict[str, list[int]] = {}
         for layer, (idx, _) in groups.items():
             changed[self.adapter.down_proj_name(layer) + ".weight"] = sorted(idx.tolist())
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed=changed,
             delta_norm=float(torch.cat([d.detach().flatten() for d in params]).norm()),
             steps=steps,

@@ -109,11 +109,8 @@ class FineTune(Editor):
         seconds = time.perf_counter() - start_time
         entries = []
         for record in records:
-            entry = LedgerEntry(
-                edit_id=len(self.ledger),
-                case_id=record.case_id,
-                prompt=record.prompt,
-                target=record.target_new,
+            entry = LedgerEntry.for_record(
+                len(self.ledger), record,
                 changed={self.param_name: changed_rows},
                 delta_norm=float(delta.norm()),
                 steps=steps,

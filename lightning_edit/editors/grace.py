@@ -101,9 +101,9 @@ class Grace(Editor):
     config_class = GraceConfig
 
     def setup(self) -> None:
+        self.layer = self.resolve_layer(self.cfg.layer)
+        self.hookpoint = self.adapter.down_proj_name(self.layer)  # the codebook replaces this module's output
         cfg, adapter = self.cfg, self.adapter
-        self.layer = self.resolve_layer(cfg.layer)
-        self.hookpoint = adapter.down_proj_name(self.layer)
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size
         device = self.device
         # The codebook, one row per entry.
@@ -244,11 +244,8 @@ class Grace(Editor):
                     steps += 1
             with torch.no_grad():
                 self.values[entry] = value.detach()
-        entry_record = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry_record = LedgerEntry.for_record(
+            edit_id, record,
             changed={f"{self.hookpoint}.codebook": [entry]},
             delta_norm=float(value.detach().norm()),
             steps=steps,
@@ -279,9 +276,7 @@ class Grace(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"GRACE edit state is for {state.get('hookpoint')!r}; this editor's codebook "
-                             f"sits at {self.hookpoint!r} (editor.layer)")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "codebook (editor.layer)")
         keys, values = state["keys"], state["values"]
         if keys.shape[1:] != self.keys.shape[1:] or values.shape[1:] != self.values.shape[1:]:
             raise ValueError(f"GRACE edit state has keys {list(keys.shape)} and values {list(values.shape)}; "

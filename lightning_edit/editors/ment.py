@@ -418,11 +418,8 @@ class MENT(Editor):
         changed: dict[str, list[int]] = {}
         for patch in kept:
             changed.setdefault(self.adapter.down_proj_name(patch.layer) + ".weight", []).append(patch.neuron)
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed={k: sorted(set(v)) for k, v in changed.items()},
             delta_norm=float(torch.stack([p.vector for p in kept]).norm()) if kept else 0.0,
             steps=len(patches),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -291,11 +292,8 @@ class MicroEdit(HeldRouting, Editor):
                 self._eval_cache.clear()
         finally:
             self._inside_apply = False
-        return LedgerEntry(
-            edit_id=edit_id,
-            case_id=getattr(record, "case_id", None),
-            prompt=record.prompt,
-            target=record.target_new,
+        return LedgerEntry.for_record(
+            edit_id, record,
             changed={"W_dec": rows.tolist()},
             delta_norm=float((after - before).float().norm()),
             steps=steps1 + steps2,
@@ -346,14 +344,15 @@ class MicroEdit(HeldRouting, Editor):
         z = hidden.to(sae.dtype)
         acts, idx = sae.encode(z)
         z_hat = sae.decode(acts, idx)
-        edit_delta = None
-        if len(self.rows.changed_rows):
-            def edit_delta() -> Tensor:
-                if "delta" not in self._eval_cache:
-                    self._eval_cache["delta"] = self.rows.delta_table()
-                slot, rows = self._eval_cache["delta"]
-                return embedding_bag_delta(idx, acts, slot, rows)
+        edit_delta = functools.partial(self._edit_delta, idx, acts) if len(self.rows.changed_rows) else None
         return LatentView(z=z, acts=acts, idx=idx, z_hat=z_hat, valid=valid, edit_delta=edit_delta)
+
+    def _edit_delta(self, idx: Tensor, acts: Tensor) -> Tensor:
+        """The edits' share of the reconstruction (what the delta gate measures), [..., d]."""
+        if "delta" not in self._eval_cache:
+            self._eval_cache["delta"] = self.rows.delta_table()
+        slot, rows = self._eval_cache["delta"]
+        return embedding_bag_delta(idx, acts, slot, rows)
 
     def _valid_for(self, hidden: Tensor) -> Tensor:
         """[B, S] real tokens of the current forward, from the ids / mask the model was called with."""
@@ -467,8 +466,7 @@ class MicroEdit(HeldRouting, Editor):
         """Restore `state_dict()` onto an editor over the *base* SAE (checked row by row)."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a MicroEdit state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
-        if state["hookpoint"] != self.hookpoint:
-            raise ValueError(f"MicroEdit state is for hookpoint {state['hookpoint']!r}, this editor's is {self.hookpoint!r}")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "SAE")
         self.rows.load_state_dict(state)
         self.alpha = state["alpha"]
         # Calibrated thresholds come from the state; fixed ones from this editor's config.

@@ -314,11 +314,8 @@ class PNKE(Editor):
         seconds = time.perf_counter() - start
         with self.edited():
             after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={self.param_name: neurons.tolist()},
             delta_norm=float(delta.norm()),
             steps=steps,
@@ -415,8 +412,7 @@ class PNKE(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("param") != self.param_name:
-            raise ValueError(f"PNKE edit state edits {state.get('param')!r}; this editor edits {self.param_name!r}")
+        self.check_state_for(state, "param", self.param_name, "edited parameter")
         tensors = state["tensors"]
         neurons = tensors["neurons"].long()
         w = self.out_weight()

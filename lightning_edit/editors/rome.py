@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, LedgerEntry, solved_edit_fields
 from lightning_edit.locate import compute_value, editing_second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
@@ -95,18 +95,12 @@ class ROME(Editor):
             w.add_(update.to(w.dtype))
         seconds = time.perf_counter() - start
         after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={self.param_name: (residual != 0).nonzero().flatten().tolist()},  # output rows moved
             delta_norm=float(update.norm()),
-            steps=len(result.losses) - 1,
             seconds=seconds,
-            metrics_before={"target_nll": result.losses[0]["nll"]},
-            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
-                           "value_nll": result.final_nll},
+            **solved_edit_fields(result, after),
             extra={"layer": self.layer, "position": result.position},
         )
         self.ledger.append(entry)

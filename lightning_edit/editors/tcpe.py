@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import ComponentRequest, Editor, LedgerEntry
+from lightning_edit.editors.base import ComponentRequest, Editor, LedgerEntry, solved_edit_fields
 from lightning_edit.locate import Site, activations, compute_value, second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
@@ -150,18 +150,12 @@ class TCPE(Editor):
         seconds = time.perf_counter() - start
         with self.edited():
             after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={f"{self.hookpoint}.W_dec": rows.tolist()},
             delta_norm=float(update.norm()),
-            steps=len(result.losses) - 1,
             seconds=seconds,
-            metrics_before={"target_nll": result.losses[0]["nll"]},
-            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
-                           "value_nll": result.final_nll},
+            **solved_edit_fields(result, after),
             extra={"layer": self.layer, "position": result.position, "active": int((key != 0).sum()),
                    "support": len(rows)},
         )
@@ -185,9 +179,7 @@ class TCPE(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"TCPE edit state is for hookpoint {state.get('hookpoint')!r}; this editor's "
-                             f"transcoder is at {self.hookpoint!r}")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "transcoder")
         tensors = state["tensors"]
         rows, values = tensors["rows"].long(), tensors["values"]
         w_dec = self.coder.W_dec

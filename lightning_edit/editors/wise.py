@@ -166,8 +166,8 @@ class Wise(HeldRouting, Editor):
     def setup(self) -> None:
         cfg, adapter = self.cfg, self.adapter
         self.layer = self.resolve_layer(cfg.layer)
-        self.hookpoint = adapter.down_proj_name(self.layer)
         self.shape = tuple(adapter.down_proj_weight(self.layer).shape)  # [d_model, d_ff]
+        self.hookpoint = adapter.down_proj_name(self.layer)  # the router adds the side memory's output here
         self.side: Tensor | None = None
         """The merged side memory's change D (None until the first merge)."""
         self.shards: list[Tensor] = []
@@ -401,11 +401,8 @@ class Wise(HeldRouting, Editor):
             self._merge()
             merged = True
         change = (delta.detach() - before)
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed={f"{self.hookpoint}.side_memory": (change != 0).any(dim=1).nonzero().flatten().tolist()},
             delta_norm=float(change.norm()),
             steps=steps,
@@ -454,9 +451,7 @@ class Wise(HeldRouting, Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"WISE edit state is for {state.get('hookpoint')!r}; this editor's side memory "
-                             f"is at {self.hookpoint!r} (editor.layer)")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "side memory (editor.layer)")
         device = self.device
 
         def load(name: str, t: Tensor | None, dtype=torch.float32) -> Tensor | None:

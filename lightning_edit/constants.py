@@ -37,7 +37,12 @@ WORLD_MC_DIR = "mc"
 RESULTS_STEM = "results"
 RESULTS_JSON = f"{RESULTS_STEM}.json"
 
-# `calibrate`'s report folder.
+# Summaries and exports in a run folder.
+SUMMARY_MD = "summary.md"
+"""The final table of the `sae` / `transcoder` jobs and of `calibrate`."""
+SUMMARY_JSON = "summary.json"
+EXPORT_DIR = "export"
+"""Where the `sae` / `transcoder` jobs export their coders (sparsify layout) unless export_dir says otherwise."""
 REPORT_JSON = "report.json"
-REPORT_SUMMARY = "summary.md"
+"""`calibrate`'s statistics."""
 REPORT_PLOT = "ard_diagnostics.png"

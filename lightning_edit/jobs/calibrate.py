@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_edit.constants import REPORT_JSON, REPORT_PLOT, REPORT_SUMMARY
+from lightning_edit.constants import REPORT_JSON, REPORT_PLOT, SUMMARY_MD
 
 SUMMARY = "MicroEdit scope gates: ARD / delta / overlap diagnostics, AUROC and a proposed tau"
 DEFAULT_CONFIG = "calibrate.yaml"
@@ -163,7 +163,7 @@ def save_report(report: dict[str, Any], out_dir: str | Path) -> Path:
                       for g, whens in report["values"].items()}
     (out_dir / REPORT_JSON).write_text(json.dumps(data, indent=1) + "\n")
     plot_report(report, out_dir / REPORT_PLOT)
-    (out_dir / REPORT_SUMMARY).write_text(summary_table(report) + "\n")
+    (out_dir / SUMMARY_MD).write_text(summary_table(report) + "\n")
     return out_dir
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.config import ConfigError, RunConfig
-from lightning_edit.constants import CHECKPOINTS_DIR, LAST_CHECKPOINT
+from lightning_edit.constants import CHECKPOINTS_DIR, EXPORT_DIR, LAST_CHECKPOINT, SUMMARY_JSON, SUMMARY_MD
 
 SUMMARY = "train top-k sparse autoencoders on residual streams"
 DEFAULT_CONFIG = "sae.yaml"
@@ -253,12 +253,12 @@ def _train(cfg: DictConfig, job: str) -> int:
     if not trainer.is_global_zero:
         return 0
 
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else output_dir / "export"
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else output_dir / EXPORT_DIR
     export_and_check(module, ModelAdapter(model), export_dir)
     rows = summary_rows(module, export_dir)
     table = markdown_table(rows)
-    (output_dir / "summary.md").write_text(table + "\n")
-    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (output_dir / SUMMARY_MD).write_text(table + "\n")
+    (output_dir / SUMMARY_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     sys.stdout.write("\n" + table + "\n\n")
     sys.stdout.write(f"run folder: {output_dir}\n")
     sys.stdout.flush()

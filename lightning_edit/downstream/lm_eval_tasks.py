@@ -24,7 +24,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
+from lightning_edit.config import repo_configs_dir
 from lightning_edit.models import eval_mode, max_positions, model_device
+from lightning_edit.world import cache_root
 
 DATA_ENV = "LIGHTNING_EDIT_DATA"
 """Environment variable naming the downstream data dir (overridden by `downstream.data_dir`)."""
@@ -49,15 +51,11 @@ def data_dir(configured: str | Path | None = None) -> Path:
         return Path(configured).expanduser()
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
-    from lightning_edit.world import cache_root
-
     return cache_root() / "downstream"
 
 
 def templates_dir() -> Path:
     """`configs/downstream` of the repo (or $LIGHTNING_EDIT_CONFIGS/downstream)."""
-    from lightning_edit.config import repo_configs_dir
-
     here = repo_configs_dir() / "downstream"
     if here.is_dir():
         return here

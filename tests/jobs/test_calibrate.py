@@ -42,7 +42,7 @@ def test_calibrate_command_on_a_saved_state(small_world, small_sae, records, tmp
     assert "propose" in capsys.readouterr().out
 
 
-FAST_RUN = {"lr": 5e-3, "stage1_max_steps": 10, "stage2_max_steps": 150, "stop_nll": 0.1}
+FAST_RUN = {"lr": 5e-3, "stage1_max_steps": 10, "stage2_max_steps": 150, "stop_nll": 0.1, "calib_samples": 128}
 """MicroEdit's small-budget settings for the test world (as tests.helpers.FAST), as `editor.*` overrides."""
 
 
@@ -67,12 +67,13 @@ def test_calibrate_takes_the_run_folder_run_edit_prints(microedit_run, tmp_path,
     from lightning_edit.cli import main
 
     out = tmp_path / "calib"
-    assert main(["calibrate", f"state={microedit_run}", f"out={out}"]) == 0  # the run folder, not its edit_state/
+    assert main(["calibrate", f"state={microedit_run}", f"out={out}", "n_reference=32"]) == 0  # the run folder
     report = json.loads((out / "report.json").read_text())
     assert report["edits"] == 3 and set(report["summary"]) == {"ard", "delta", "overlap"}
     assert len(report["values"]["overlap"]["after"]["edit"]) == 3  # the ledger's records, found in the world's file
     assert "use it with: editor.gate=overlap editor.overlap_tau=" in capsys.readouterr().out
-    assert main(["run", "calibrate", f"state={microedit_run / 'edit_state'}", f"out={tmp_path / 'again'}"]) == 0
+    assert main(["run", "calibrate", f"state={microedit_run / 'edit_state'}", f"out={tmp_path / 'again'}",
+                 "n_reference=32"]) == 0
     assert json.loads((tmp_path / "again" / "report.json").read_text())["summary"] == report["summary"]
 
 
@@ -83,7 +84,7 @@ def test_calibrate_edits_first_through_the_edit_run(small_world, small_sae, tmp_
     folder, hookpoint = small_sae
     out = tmp_path / "calib"
     overrides = [f"component.path={folder}", f"component.hookpoint={hookpoint}"]
-    argv = ["calibrate", "world=toyworld-small", "T=2", "editor.gate=delta", f"out={out}",
+    argv = ["calibrate", "world=toyworld-small", "T=2", "editor.gate=delta", f"out={out}", "n_reference=32",
             "edit_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]",
             *[f"editor.{k}={v}" for k, v in FAST_RUN.items()]]
     assert main(argv) == 0

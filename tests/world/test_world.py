@@ -17,15 +17,8 @@ from lightning_edit.world import (
     world_dir,
 )
 from lightning_edit.world.export import corpus_sentences, export_datasets
-from lightning_edit.world.spec import (
-    ByteLevelBPE,
-    CompanyShape,
-    GPT2Shape,
-    ModelShape,
-    TrainRecipe,
-    WordLevelTokenizer,
-    WorldShape,
-)
+from lightning_edit.world.spec import (ByteLevelBPE, CompanyShape, GPT2Shape, ModelShape, TrainRecipe,
+                                       WordLevelTokenizer, WorldShape)
 from lightning_edit.world.tokenizer import train_tokenizer
 
 SMALL = SPECS["toyworld-small"]

@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lightning_edit.constants import EDIT_STATE_DIR, LEDGER_JSON, RESULTS_JSON
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("rel", "gen", "loc")
 LABEL = {"rel": "Rel", "gen": "Gen", "loc": "Loc"}
@@ -129,7 +131,7 @@ def last_error(log: Path, rc: int | None) -> str:
 
 def run_method(args: argparse.Namespace, method: str, config: Path, checkpoints: list[int]) -> dict[str, Any]:
     run_dir = Path(args.runs_dir) / method
-    results = run_dir / "results.json"
+    results = run_dir / RESULTS_JSON
     shown = config.relative_to(REPO) if config.is_relative_to(REPO) else config
     out: dict[str, Any] = {"method": method, "config": str(shown), "run_dir": str(run_dir)}
     if args.reuse and results.is_file():
@@ -168,7 +170,7 @@ def run_method(args: argparse.Namespace, method: str, config: Path, checkpoints:
 
 def collect_scores(run: dict[str, Any], checkpoints: list[int]) -> None:
     """Final-state scores at each checkpoint, immediate scores and s/edit at the stream's end."""
-    payload = json.loads((Path(run["run_dir"]) / "results.json").read_text())
+    payload = json.loads((Path(run["run_dir"]) / RESULTS_JSON).read_text())
     rows = {row["T"]: row for row in payload["rows"]}
     last = payload["rows"][-1]
     run["edits"] = last["T"]
@@ -231,8 +233,8 @@ def slice_width(name: str, indices: set[int], editor, base: dict[str, Any]) -> t
 
 def collect_params(run: dict[str, Any], model_name: str) -> None:
     """units/edit and params/edit from the run's edit ledger (module docstring)."""
-    state_dir = Path(run["run_dir"]) / "edit_state"
-    ledger = json.loads((state_dir / "ledger.json").read_text())
+    state_dir = Path(run["run_dir"]) / EDIT_STATE_DIR
+    ledger = json.loads((state_dir / LEDGER_JSON).read_text())
     if not ledger:
         run.update(units_per_edit=0.0, params_per_edit=0.0)
         return
@@ -246,7 +248,7 @@ def collect_params(run: dict[str, Any], model_name: str) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from lightning_edit.editors.state import load_edited
+    from lightning_edit.jobs.edit_run import load_edited
     from lightning_edit.models import ModelAdapter, load_model
 
     hf_logging.disable_progress_bar()

@@ -1,7 +1,7 @@
 """Milliseconds per edit as a lifelong stream grows (T = 10, 100, 1000), and peak memory, in one run.
 
-The editor is driven directly, as the edit job builds it (its YAML, `build_editor`, `prepare` on the
-world's corpus), then `editor.apply([record])` runs over the world's CounterFact stream in the job's
+The editor is driven directly, as the edit job builds it (its YAML through `build_edit_run`: the
+stream, the model and the editor prepared on the world's corpus), then `editor.apply([record])` runs over the world's CounterFact stream in the job's
 seeded order with nothing else in the timed loop (no scoring, no Lightning). A row T is the window
 of edits T-w+1..T (w = `--window`, 10 by default): e.g. edits 1-10, 91-100 and 991-1000.
 
@@ -89,13 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from datamodules.edits import EditStream
     from lightning_edit.config import load_config
-    from lightning_edit.editors.state import build_editor
-    from lightning_edit.jobs.edit import SCHEMA, _read_corpus, resolve_device
-    from lightning_edit.loggers import seed_everything, set_cpu_threads
-    from lightning_edit.models import ModelAdapter, load_model
-    from omegaconf import OmegaConf
+    from lightning_edit.jobs.edit import SCHEMA
+    from lightning_edit.jobs.edit_run import build_edit_run
+    from lightning_edit.runtime import seed_everything, set_cpu_threads
 
     config = Path(args.config) if args.config else find_config(args.method)
     overrides = [f"config={config}", *args.overrides]
@@ -108,33 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = sorted({int(t) for t in args.checkpoints.split(",") if t.strip()})
     if checkpoints[0] < args.window:
         raise SystemExit(f"error: --checkpoints starts at {checkpoints[0]}, below --window {args.window}")
+    cfg.data.batch_size, cfg.data.limit = 1, checkpoints[-1] + args.probe
 
     seed_everything(cfg.seed)
     set_cpu_threads(args.threads)
-    stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, 1, checkpoints[-1] + args.probe,
-                        model_name=cfg.model.name)
-    stream.setup("fit")
-    records = stream.records
+    rss_start = rss_mib()
+    start = time.perf_counter()
+    run = build_edit_run(cfg)  # the stream, the model, the editor prepared on the corpus
+    editor, records = run.editor, run.stream.records
     if len(records) < checkpoints[-1] + args.probe:
-        print(f"note: {stream.path} holds {len(records)} records; checkpoints above {len(records) - args.probe} "
+        print(f"note: {run.stream.path} holds {len(records)} records; checkpoints above {len(records) - args.probe} "
               "are dropped", file=sys.stderr)
         checkpoints = [t for t in checkpoints if t <= len(records) - args.probe]
     probes = records[checkpoints[-1]:checkpoints[-1] + args.probe]
     records = records[: checkpoints[-1]]
-
-    rss_start = rss_mib()
-    start = time.perf_counter()
-    device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, device)
-    adapter = ModelAdapter(model)
-    editor = build_editor(method, OmegaConf.to_container(cfg.editor, resolve=True), model, tokenizer, adapter,
-                          OmegaConf.to_container(cfg.component, resolve=True), cfg.model.name)
-    editor.prepare(_read_corpus(cfg))
-    if probes and not hasattr(editor, "rollback"):
+    if probes and not editor.supports_rollback:
         print(f"note: {method} cannot roll an edit back; no probes", file=sys.stderr)
         probes = []
     setup_seconds = time.perf_counter() - start
     rss_setup = rss_mib()
+    device = str(editor.device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

@@ -41,13 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    from datamodules.edits import EditStream
     from lightning_edit.config import load_config
-    from lightning_edit.editors.state import build_editor
-    from lightning_edit.jobs.edit import SCHEMA, _read_corpus
+    from lightning_edit.jobs.edit import SCHEMA
+    from lightning_edit.jobs.edit_run import build_edit_run
     from lightning_edit.metrics import rel_gen_scores
-    from lightning_edit.models import ModelAdapter, load_model
-    from omegaconf import OmegaConf
 
     overrides = [f"config={config}", f"model.name={args.model}", "data.path=null",
                  f"data.order_seed={args.order_seed}", f"data.limit={args.n}"]
@@ -58,25 +55,16 @@ def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[st
                 overrides.append(rest)
         else:
             overrides.append(item)
-    cfg = load_config(SCHEMA, overrides)
-    stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, 1, cfg.data.limit,
-                        model_name=cfg.model.name)
-    stream.setup("fit")
-    records = list(stream.records)
-    base, tokenizer = load_model(cfg.model.name, cfg.model.dtype, "cpu")
-    params = OmegaConf.to_container(cfg.editor, resolve=True)
-    component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
-    corpus = _read_corpus(cfg)
+    run = build_edit_run(load_config(SCHEMA, overrides))  # the job's stream, model and corpus
+    records = list(run.stream.records)
     hits, rel, gen, seconds = [], [], [], []
     for record in records:
-        model = copy.deepcopy(base)
-        editor = build_editor(method, params, model, tokenizer, ModelAdapter(model), component_cfg, cfg.model.name)
-        editor.prepare(corpus)
+        editor = run.new_editor(copy.deepcopy(run.model))  # fresh: run.model is never edited
         start = time.perf_counter()
         editor.apply([record])
         seconds.append(time.perf_counter() - start)
         with torch.no_grad(), editor.edited() as edited:
-            scores = rel_gen_scores(edited, tokenizer, [record])
+            scores = rel_gen_scores(edited, run.tokenizer, [record])
         hits.append(scores["rel_em"])
         rel.append(scores["rel"])
         gen.append(scores["gen"])

@@ -38,6 +38,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_edit.config import ConfigError
+from lightning_edit.tokens import pad_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_DOCUMENTS = ("lines", "file")
@@ -166,9 +167,7 @@ def is_local_path(path: str) -> bool:
 
 
 def _special_ids(tokenizer) -> tuple[int | None, int | None, int]:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    return bos, eos, pad
+    return tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
 
 
 def special_template(tokenizer) -> tuple[list[int], list[int]]:

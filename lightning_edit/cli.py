@@ -1,7 +1,8 @@
-"""Command line: `lightning-edit run edit|sae|transcoder key=value ...`, also as `lightning run ...`.
+"""Command line: `lightning-edit run edit|sae|transcoder|generate|calibrate key=value ...` and
+`lightning-edit calibrate ...`, also as `lightning run ...` / `lightning calibrate ...`.
 
 Recent `lightning` releases install no `lightning` executable; `lightning-sdk` installs one for its
-cloud CLI. Ours handles `run edit|sae|transcoder` and hands every other command to lightning-sdk's
+cloud CLI. Ours handles `run <job>` and `calibrate` and hands every other command to lightning-sdk's
 CLI when that package is installed, as lightning 2.3-2.5 did. `lightning-edit` and
 `python -m lightning_edit` take the same subcommands, so nothing depends on owning the name.
 """
@@ -30,30 +31,8 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job: " + ", ".join(JOBS), description="Run a job.")
     run_sub = run.add_subparsers(dest="job", metavar="JOB")
     for name in JOBS:
-        module = job_module(name)
-        job = run_sub.add_parser(
-            name,
-            help=module.SUMMARY,
-            description=f"{module.SUMMARY}\n\nDefault config: configs/{module.DEFAULT_CONFIG}. "
-            "Pass config=NAME.yaml to pick another file (from configs/ or a path), then any "
-            "number of key=value overrides (nested keys with dots).",
-            epilog="Config keys and their defaults:\n\n" + describe(module.SCHEMA)
-            + "\nConfig files: " + ", ".join(available_configs()),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        job.add_argument("overrides", nargs="*", metavar="key=value", help="config=FILE and overrides")
-    calibrate = sub.add_parser(
-        "calibrate",
-        help="propose a tau for MicroEdit's scope gate (ARD / overlap / delta diagnostics)",
-        description="Measure each MicroEdit scope gate's statistic on edited, rephrased, locality and "
-        "reference-corpus texts before and after editing; print the separation (AUROC) and a proposed "
-        "tau as a config override; write report.json, summary.md and a histogram PNG.",
-        epilog="Examples:\n  %(prog)s state=runs/edit/<stamp>            (a finished run's edit state)\n"
-        "  %(prog)s world=toyworld T=50 gate=ard      (edit T records first, MicroEdit options as key=value)\n"
-        "Keys: state, data (edit file for a state), corpus (text file), world, T, out, threads.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    calibrate.add_argument("overrides", nargs="*", metavar="key=value")
+        _job_parser(run_sub, name, job_module(name).SUMMARY)
+    _job_parser(sub, "calibrate", f"{job_module('calibrate').SUMMARY} (the same as `run calibrate`)")
     from lightning_edit.world import WORLD_NAMES
 
     world = sub.add_parser("world", help="build or inspect an embedded world")
@@ -62,6 +41,24 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--force", action="store_true", help="rebuild even when cached")
     return parser
+
+
+def _job_parser(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    """The parser of job `name`: its config keys and defaults, its config files, its examples."""
+    module = job_module(name)
+    examples = getattr(module, "EXAMPLES", "")
+    job = sub.add_parser(
+        name,
+        help=summary,
+        description=f"{module.SUMMARY}\n\nDefault config: configs/{module.DEFAULT_CONFIG}. "
+        "Pass config=NAME.yaml to pick another file (from configs/ or a path), then any "
+        "number of key=value overrides (nested keys with dots).",
+        epilog=(examples + "\n\n" if examples else "") + "Config keys and their defaults:\n\n"
+        + describe(module.SCHEMA) + "\nConfig files: " + ", ".join(available_configs()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    job.add_argument("overrides", nargs="*", metavar="key=value", help="config=FILE and overrides")
+    return job
 
 
 def run_job(name: str, overrides: Sequence[str]) -> int:
@@ -84,17 +81,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int
             parser.parse_args(["run", "--help"])
         return run_job(args.job, args.overrides)
     if args.command == "calibrate":
-        from lightning_edit.editors.ard_diagnostics import main as calibrate_main
-
-        bad = [a for a in args.overrides if "=" not in a]
-        if bad:
-            print(f"error: calibrate takes key=value arguments; got {bad[0]!r}", file=sys.stderr)
-            return 2
-        try:
-            return calibrate_main(args.overrides)
-        except (FileNotFoundError, ValueError) as exc:  # a missing state, an unknown option: nothing written
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return run_job("calibrate", args.overrides)
     if args.command == "world":
         from lightning_edit.world import build_world
 

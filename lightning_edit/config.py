@@ -19,6 +19,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lightning_edit.constants import RUN_CONFIG
+
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message says which and what is valid."""
@@ -181,7 +183,7 @@ def load_config(schema: type, argv: Sequence[str] = (), default_config: str | No
 
 def save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """Write the resolved config beside the run's outputs, so the run can be reproduced."""
-    path = Path(output_dir) / "config.yaml"
+    path = Path(output_dir) / RUN_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path

@@ -28,6 +28,8 @@ from transformers import (
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.pytorch_utils import Conv1D
 
+from lightning_edit.world import resolve_model_path
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -78,12 +80,43 @@ def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _world_model_path(name: str) -> Path | None:
-    """The embedded world's HF directory for ``name``, or None; tolerant of a world package in progress."""
-    try:
-        from lightning_edit.world import resolve_model_path
-    except (ImportError, AttributeError):
-        return None
+    """The embedded world's HF directory for ``name`` (built on first use), or None."""
     return resolve_model_path(name)
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (CPU for a module without any)."""
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the block, restoring the model's training flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def freeze(model: nn.Module) -> None:
+    """No parameter of `model` gets a gradient (an editor turns on only what it edits, when it edits)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The model's context length from its config (None when it declares none)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def hidden_of(output: Any) -> torch.Tensor:

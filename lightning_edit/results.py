@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from lightning_edit.constants import RESULTS_STEM
+
 FINAL = "final-state"
 IMMEDIATE = "immediate"
 PROTOCOLS = (FINAL, IMMEDIATE)
@@ -104,7 +106,7 @@ def save_results(rows: Sequence[dict], output_dir: str | Path, meta: dict[str, A
     """Write results.json (rows + run metadata), results.csv, results.md and results.png."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: output_dir / f"results.{ext}" for ext in ("json", "csv", "md", "png")}
+    paths = {ext: output_dir / f"{RESULTS_STEM}.{ext}" for ext in ("json", "csv", "md", "png")}
     payload = {"protocols": {FINAL: "all edits so far scored after T edits",
                              IMMEDIATE: "mean of each edit's score right after it was applied"},
                "meta": meta or {}, "rows": list(rows)}

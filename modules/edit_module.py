@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from lightning import LightningModule
 
+from lightning_edit.callbacks.common import crossed, log_metrics
 from lightning_edit.data import EditRecord
 from lightning_edit.editors.base import Editor
 from lightning_edit.metrics import EditScorer
@@ -125,8 +126,7 @@ class EditModule(LightningModule):
             self.immediate_scores.append(scores)
             metrics.update({f"edit_step_immediate/{k}": v for k, v in scores.items() if k in IMMEDIATE_WEIGHTS})
         self._log(metrics, t)
-        crossed = any(t - len(batch) < c <= t for c in self.checkpoints)
-        if crossed or t == self.stream_length:
+        if crossed(self.checkpoints, t, len(batch)) or t == self.stream_length:
             self.evaluate()
 
     def on_train_end(self) -> None:
@@ -153,10 +153,8 @@ class EditModule(LightningModule):
         return row
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        """Straight to the loggers with step = T (Lightning's own step counts batches, not edits)."""
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
-        for logger in self.loggers:
-            logger.log_metrics(clean, step=step)
+        """Straight to the loggers with step = T (`callbacks.common.log_metrics`); a line at checkpoints."""
+        clean = log_metrics(self.trainer, metrics, step)
         if "edit/rel" in clean:
             self.print(f"T={step}: " + ", ".join(f"{k.split('/')[-1]} {clean[k]:.3f}" for k in
                                                  ("edit/rel", "edit/gen", "edit/loc") if k in clean))
@@ -166,7 +164,7 @@ class EditModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["edit"] = {
             "method": self.editor.name,
-            "base_fingerprint": getattr(self.editor, "base_fingerprint", None),
+            "base_fingerprint": self.editor.ctx.base_fingerprint,
             "editor": self.editor.state_dict(),
             "scorer": self.scorer.state_dict(),
             "records": [r.to_dict() for r in self.edited_records],
@@ -181,7 +179,7 @@ class EditModule(LightningModule):
             raise ValueError("not an edit-stream checkpoint (no 'edit' entry)")
         if state["method"] != self.editor.name:
             raise ValueError(f"checkpoint of method '{state['method']}' cannot resume editor '{self.editor.name}'")
-        saved, now = state.get("base_fingerprint"), getattr(self.editor, "base_fingerprint", None)
+        saved, now = state.get("base_fingerprint"), self.editor.ctx.base_fingerprint
         if saved and now and saved != now:
             raise ValueError(f"the checkpoint's edits were made on another base model (weights fingerprint "
                              f"{saved}, this model's {now})")

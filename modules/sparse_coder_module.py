@@ -32,15 +32,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from lightning_edit.locate.activations import StopForward, run_until_captured
 from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
 from lightning_edit.sparse import DeadLatentTracker, SparseCoderConfig, TopKSparseCoder, ce_loss_score, default_lr
 
 Acts = dict[str, tuple[Tensor, Tensor | None]]
 """Per hookpoint: (coder input [n_tokens, d_in], target [n_tokens, d_out] or None for an SAE)."""
-
-
-class _StopForward(Exception):
-    """Raised by the last activation hook: the rest of the LM forward is not needed."""
 
 
 def training_positions(input_ids: Tensor, attention_mask: Tensor | None, bos_token_id: int | None) -> Tensor:
@@ -224,16 +221,11 @@ class SparseCoderModule(LightningModule):
 
     # --- activations -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def collect_activations(self, batch: dict[str, Tensor], use_cache: bool = True) -> tuple[Acts, int]:
-        """One LM forward with hooks on every hookpoint -> (activations at training positions, count).
-
-        With an open activation cache, a batch of training rows (``batch["rows"]``) is read from it
-        instead: the same tokens in the same order."""
-        if use_cache and self.cache is not None and "rows" in batch:
-            return self.cache.read(batch["rows"].cpu(), device=self.device)
-        ids, attention = batch["input_ids"], batch.get("attention_mask")
-        mask = training_positions(ids, attention, self.hparams.bos_token_id)
+    def _capture_hooks(self, batch: dict[str, Tensor], stop: bool) -> tuple[Tensor, Acts, dict[str, Any]]:
+        """(training positions [B, T], the store the hooks fill, one forward hook per hookpoint): each
+        keeps its hookpoint's (input, output) for a transcoder or (output, None) for an SAE at those
+        positions; with `stop`, the last one ends the forward."""
+        mask = training_positions(batch["input_ids"], batch.get("attention_mask"), self.hparams.bos_token_id)
         store: Acts = {}
         transcoder = self.mode == "transcoder"
 
@@ -249,16 +241,24 @@ class SparseCoderModule(LightningModule):
                     store[hp] = (args[0][mask], hidden[mask])
                 else:
                     store[hp] = (hidden[mask], None)
-                if len(store) == len(self.hookpoints):
-                    raise _StopForward
+                if stop and len(store) == len(self.hookpoints):
+                    raise StopForward  # the last hookpoint is read: the rest of the forward is not needed
 
             return hook
 
-        with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
-            try:
-                self.lm(input_ids=ids, attention_mask=attention, use_cache=False)
-            except _StopForward:
-                pass
+        return mask, store, {hp: capture(hp) for hp in self.hookpoints}
+
+    @torch.no_grad()
+    def collect_activations(self, batch: dict[str, Tensor], use_cache: bool = True) -> tuple[Acts, int]:
+        """One LM forward with hooks on every hookpoint -> (activations at training positions, count).
+
+        With an open activation cache, a batch of training rows (``batch["rows"]``) is read from it
+        instead: the same tokens in the same order."""
+        if use_cache and self.cache is not None and "rows" in batch:
+            return self.cache.read(batch["rows"].cpu(), device=self.device)
+        mask, store, hooks = self._capture_hooks(batch, stop=True)
+        with self.adapter.hooks(hooks):
+            run_until_captured(self.lm, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         missing = [hp for hp in self.hookpoints if hp not in store]
         if missing:
             raise RuntimeError(f"hookpoints {missing} did not run during the LM forward")
@@ -511,18 +511,8 @@ class SparseCoderModule(LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._lm_to_device()
         ids, attention = batch["input_ids"], batch.get("attention_mask")
-        mask = training_positions(ids, attention, self.hparams.bos_token_id)
-        store: Acts = {}
-        transcoder = self.mode == "transcoder"
-
-        def capture(hp: str):
-            def hook(module, args, output):
-                hidden = hidden_of(output)
-                store[hp] = (args[0][mask], hidden[mask]) if transcoder else (hidden[mask], None)
-
-            return hook
-
-        with self.adapter.hooks({hp: capture(hp) for hp in self.hookpoints}):
+        mask, store, hooks = self._capture_hooks(batch, stop=False)
+        with self.adapter.hooks(hooks):
             logits = self.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits
         self._vocab_size = logits.shape[-1]
         ce_clean, n = self._ce(logits, ids, attention)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -26,6 +24,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+import lightning_edit.models as models_module
 from lightning_edit.models import ModelAdapter, hidden_of, load_model, with_hidden
 
 VOCAB, HIDDEN, D_FF, LAYERS = 100, 32, 64, 3
@@ -209,9 +208,7 @@ def test_load_model_round_trip(adapter: ModelAdapter, tmp_path: Path) -> None:
 def test_load_model_resolves_world_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _llama().save_pretrained(tmp_path)
     _tokenizer().save_pretrained(tmp_path)
-    world = types.ModuleType("lightning_edit.world")
-    world.resolve_model_path = lambda name: tmp_path if name == "toyworld" else None
-    monkeypatch.setitem(sys.modules, "lightning_edit.world", world)
+    monkeypatch.setattr(models_module, "resolve_model_path", lambda name: tmp_path if name == "toyworld" else None)
     model, _ = load_model("toyworld")
     assert ModelAdapter(model).num_layers == LAYERS
 

@@ -37,12 +37,14 @@ def crossed(at: Sequence[int], t: int, batch: int) -> bool:
     return any(t - batch < c <= t for c in at)
 
 
-def log_metrics(trainer: Any, metrics: dict[str, Any], step: int) -> None:
-    """Straight to every logger with step = T (Lightning's own step counts batches, not edits)."""
+def log_metrics(trainer: Any, metrics: dict[str, Any], step: int) -> dict[str, float]:
+    """Straight to every logger with step = T (Lightning's own step counts batches, not edits); the
+    numbers logged (booleans and NaN left out) are returned."""
     clean = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))}
     for logger in trainer.loggers:
         logger.log_metrics(clean, step=step)
+    return clean
 
 
 def run_dir(trainer: Any) -> Path:

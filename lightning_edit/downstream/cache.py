@@ -19,6 +19,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from lightning_edit.editors.base import Editor
+
 
 def _tensor_summary(tensor: torch.Tensor) -> list[float]:
     """Sum, L2 norm and row-/column-position-weighted sums, in float64 without a float64 copy.
@@ -64,14 +66,11 @@ def state_fingerprint(*modules: nn.Module | None, extra: Iterable[Any] = ()) -> 
     return digest.hexdigest()[:16]
 
 
-def editor_fingerprint(editor: Any, model: nn.Module | None = None) -> str:
+def editor_fingerprint(editor: Editor, model: nn.Module | None = None) -> str:
     """The state of `editor` as edited now: the model it yields (`model`, default `editor.model`),
     its component, and its ledger length (hooks and side memories live outside the parameters)."""
     model = model if model is not None else editor.model
-    ledger = getattr(editor, "ledger", None)
-    return state_fingerprint(model, getattr(editor, "component", None),
-                             extra=(getattr(editor, "name", type(editor).__name__),
-                                    len(ledger) if ledger is not None else None))
+    return state_fingerprint(model, editor.component, extra=(editor.name, len(editor.ledger)))
 
 
 @dataclass

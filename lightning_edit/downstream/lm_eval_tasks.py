@@ -24,6 +24,10 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
+from lightning_edit.config import repo_configs_dir
+from lightning_edit.models import eval_mode, max_positions, model_device
+from lightning_edit.world import cache_root
+
 DATA_ENV = "LIGHTNING_EDIT_DATA"
 """Environment variable naming the downstream data dir (overridden by `downstream.data_dir`)."""
 LOCAL_TEMPLATES = {"mmlu": "mmlu_local", "gsm8k": "gsm8k_local", "commonsense_qa": "commonsense_qa_local",
@@ -47,15 +51,11 @@ def data_dir(configured: str | Path | None = None) -> Path:
         return Path(configured).expanduser()
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
-    from lightning_edit.world import cache_root
-
     return cache_root() / "downstream"
 
 
 def templates_dir() -> Path:
     """`configs/downstream` of the repo (or $LIGHTNING_EDIT_CONFIGS/downstream)."""
-    from lightning_edit.config import repo_configs_dir
-
     here = repo_configs_dir() / "downstream"
     if here.is_dir():
         return here
@@ -190,22 +190,6 @@ def make_task_manager(include_paths: Sequence[str | Path] = (), include_defaults
     return TaskManager(include_path=paths or None, include_defaults=include_defaults)
 
 
-def _device_of(model: torch.nn.Module) -> str:
-    try:
-        return str(next(model.parameters()).device)
-    except StopIteration:
-        return "cpu"
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def numeric_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     """The numeric metrics of one task's lm-eval result (stderr and labels dropped)."""
     out = {}
@@ -245,22 +229,18 @@ def evaluate_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str
     if task_manager is None:
         paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
         task_manager = make_task_manager(paths)
-    context = _max_positions(model)
+    context = max_positions(model)
     gen_kwargs: dict[str, Any] = {}
     if max_gen_toks is not None:
         gen_kwargs["max_gen_toks"] = max_gen_toks
     elif context is not None and context < 2 * 256:  # 256 = lm-eval's default max_gen_toks
         gen_kwargs["max_gen_toks"] = context // 2
-    was_training = model.training
-    with quiet_lm_eval(quiet):
+    with quiet_lm_eval(quiet), eval_mode(model):  # HFLM switches the model to eval; its flag comes back after
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  device=device or _device_of(model), max_length=context)
-        try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                                          num_fewshot=num_fewshot, gen_kwargs=gen_kwargs or None,
-                                          bootstrap_iters=0, log_samples=False)
-        finally:
-            model.train(was_training)
+                  device=device or str(model_device(model)), max_length=context)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                      num_fewshot=num_fewshot, gen_kwargs=gen_kwargs or None,
+                                      bootstrap_iters=0, log_samples=False)
     results = {}
     for section in ("results", "groups"):
         for task, values in (out.get(section) or {}).items():

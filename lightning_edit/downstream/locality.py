@@ -21,6 +21,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from lightning_edit.models import eval_mode, max_positions, model_device
+from lightning_edit.tokens import pad_id, right_padded
+
 
 def held_out_prompts(lines: Sequence[str], exclude: Sequence[str], n: int, seed: int = 0) -> list[str]:
     """Up to `n` distinct non-empty lines, in a seeded order, that mention none of `exclude` (the
@@ -35,11 +38,6 @@ def held_out_prompts(lines: Sequence[str], exclude: Sequence[str], n: int, seed:
             if len(chosen) == n:
                 break
     return chosen
-
-
-def _context(model: torch.nn.Module) -> int | None:
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str], context: int | None) -> list[list[int]]:
@@ -59,25 +57,15 @@ def next_token_logprobs(model: torch.nn.Module, tokenizer: Any, sequences: Seque
     """(index, float32 log-probs `[len(sequences[index]), vocab]` on the model's device) per
     sequence: the next-token distribution after every prefix. Right padding leaves every real
     token's position and causal context as they are, so batching changes nothing."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for first in range(0, len(sequences), batch_size):
-                chunk = sequences[first:first + batch_size]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, seq in enumerate(chunk):
-                    ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, :len(seq)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                for row, seq in enumerate(chunk):
-                    yield first + row, F.log_softmax(logits[row, :len(seq)].float(), dim=-1)
-    finally:
-        model.train(was_training)
+    device = model_device(model)
+    pad = pad_id(tokenizer)
+    with eval_mode(model), torch.no_grad():
+        for first in range(0, len(sequences), batch_size):
+            chunk = sequences[first:first + batch_size]
+            ids, mask = right_padded(chunk, pad, device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for row, seq in enumerate(chunk):
+                yield first + row, F.log_softmax(logits[row, :len(seq)].float(), dim=-1)
 
 
 @dataclass
@@ -112,7 +100,7 @@ def capture_reference(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
     None = the whole vocabulary if positions x vocab <= max_elements, else as many as fit."""
     if not prompts:
         raise ValueError("no locality prompts to capture")
-    sequences = _encode(tokenizer, prompts, _context(model))
+    sequences = _encode(tokenizer, prompts, max_positions(model))
     ref = LocalityReference(list(prompts), sequences)
     positions = ref.n_positions
     k = topk

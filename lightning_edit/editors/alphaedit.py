@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_edit.editors.memit import MEMIT, MultiLayerConfig
 from lightning_edit.locate import editing_second_moment
@@ -59,8 +58,9 @@ class AlphaEdit(MEMIT):
     label = "AlphaEdit"
     config_class = AlphaEditConfig
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: AlphaEditConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
+    def setup(self) -> None:
+        super().setup()
+        adapter = self.adapter
         self.projections: dict[int, torch.Tensor] = {}
         """layer -> P_l [d_ff, d_ff] (float64, on the model's device), from `prepare`."""
         self.null_dims: dict[int, int] = {}

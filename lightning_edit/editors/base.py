@@ -1,8 +1,11 @@
-"""The one interface every editing method implements, and the edit ledger.
+"""The one interface every editing method implements, what it is built over, and the edit ledger.
 
 An editor owns everything a method changes (weights, codebooks, side memories, switches) as state
-of its own object, never as module globals. The harness only calls the methods below, so adding a
-method means adding one file here and one YAML in configs/.
+of its own object, never as module globals. It is built over an `EditorContext` the job layer
+resolved (the model, its tokenizer and adapter, the loaded sparse component the class asked for
+through `component_request`) and its validated config; nothing is set on it from outside. The
+harness only calls the methods below, so adding a method means adding one file here (registered in
+`registry.py`, or by a third party with `register_editor`) and one YAML in configs/.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager, Iterator, Mapping, Sequence
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
+
+from lightning_edit.models import model_device
+from lightning_edit.sparse.resolve import KIND_NAMES
+from lightning_edit.tokens import padding_side
 
 
 @dataclass
@@ -44,28 +54,125 @@ class LedgerEntry:
     def from_dict(cls, data: dict[str, Any]) -> "LedgerEntry":
         return cls(**data)
 
+    @classmethod
+    def for_record(cls, edit_id: int, record: Any, **fields: Any) -> "LedgerEntry":
+        """The entry of edit `edit_id`, of `record` (its case id, prompt and new target)."""
+        return cls(edit_id=edit_id, case_id=record.case_id, prompt=record.prompt, target=record.target_new, **fields)
+
+
+@dataclass
+class EditorContext:
+    """What an editor is built over, resolved by the job layer before the editor exists."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Any
+    """The model's `ModelAdapter` (every model access goes through it)."""
+    model_name: str | None = None
+    """The base model as the job named it (`model.name`), recorded in the edit state."""
+    component: nn.Module | None = None
+    """The loaded sparse component (SAE or transcoder, its `hookpoint` set) the class asked for
+    through `component_request`; None for methods without one."""
+    component_cfg: dict[str, Any] | None = None
+    """The job's `component:` section (path, hookpoint), recorded in the edit state."""
+    base_fingerprint: str | None = None
+    """`editors.state.base_fingerprint` of the model before any edit: which base the edits apply to."""
+    world: Any = None
+    """The embedded world the model comes from (its knowledge base), or None for any other model."""
+
+
+@dataclass(frozen=True)
+class ComponentRequest:
+    """The sparse component an editor needs: what the job layer loads (or trains) before building it."""
+
+    kind: str
+    """"sae" (reads and replaces a residual stream) or "transcoder" (an MLP's input -> output)."""
+    hookpoint: str
+    who: str
+    """The method, as error messages name it."""
+    trains_default: bool = True
+    """Without `component.path`, an embedded world's default component is found or trained."""
+    default_overrides: tuple[str, ...] = ()
+    """SAE / transcoder job `key=value`s for that default."""
+
 
 class Editor(ABC):
     """Applies knowledge edits to a model; subclasses implement one method each.
 
-    Lifecycle: `__init__(model, tokenizer, adapter, cfg, component)` -> optional `prepare(corpus)`
-    (statistics, calibration) -> `apply(records)` per step -> evaluation inside `edited()`.
+    Lifecycle: `Editor(ctx, cfg)` (validates `cfg`, checks the component, then the subclass's
+    `setup()`) -> optional `prepare(corpus)` (statistics, calibration) -> `apply(records)` per step
+    -> evaluation inside `edited()`.
     """
 
-    name: str = "editor"
-    config_class: type = object
+    name: ClassVar[str] = "editor"
+    config_class: ClassVar[type | None] = None
     """The method's hyperparameters as a dataclass (paper defaults); the YAML's `editor:` section
     is merged over it, so an unknown key is an error."""
-    supports_batch: bool = False
-    supports_rollback: bool = False
+    component_kind: ClassVar[str | None] = None
+    """"sae" or "transcoder" for a method that edits through a sparse component, else None."""
+    default_hookpoint: ClassVar[str | None] = None
+    """Where that component sits when `component.hookpoint` is not set."""
+    supports_batch: ClassVar[bool] = False
+    supports_rollback: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: Any, component: nn.Module | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.adapter = adapter
-        self.cfg = cfg
-        self.component = component
+    def __init__(self, ctx: EditorContext, cfg: Any = None):
+        self.ctx = ctx
+        self.model = ctx.model
+        self.tokenizer = ctx.tokenizer
+        self.adapter = ctx.adapter
+        self.component = ctx.component
+        self.cfg = self.make_config(cfg)
         self.ledger: list[LedgerEntry] = []
+        self._check_component()
+        self.setup()
+
+    def setup(self) -> None:
+        """The method's own construction (layers, buffers, hooks to be), after the common checks.
+        `self.cfg` is validated and `self.component` is the component `component_request` asked for."""
+
+    # Construction: config and component ------------------------------------------------------
+
+    @classmethod
+    def make_config(cls, params: Mapping[str, Any] | Any) -> Any:
+        """`config_class` with `params` (a mapping, e.g. the job's `editor:` section, `method` ignored)
+        merged over its defaults; an instance is taken as it is. An unknown key or a wrong type is a
+        ValueError naming `editor.<key>` and the valid keys."""
+        if cls.config_class is not None and isinstance(params, cls.config_class):
+            return params
+        params = {k: v for k, v in dict(params or {}).items() if k != "method"}
+        if cls.config_class is None or not dataclasses.is_dataclass(cls.config_class):
+            if params:
+                raise ValueError(f"editor '{cls.name}' takes no hyperparameters; got {sorted(params)}")
+            return None
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls.config_class), params)
+        except OmegaConfBaseException as exc:
+            valid = ", ".join(f.name for f in dataclasses.fields(cls.config_class))
+            key = getattr(exc, "full_key", None) or "?"
+            raise ValueError(f"editor.{key}: {str(exc).splitlines()[0]} (editor '{cls.name}' keys: {valid})") from exc
+        return OmegaConf.to_object(merged)
+
+    @classmethod
+    def component_request(cls, cfg: Any, component_cfg: Mapping[str, Any], adapter: Any) -> ComponentRequest | None:
+        """The component this method needs under config `cfg` (None: none): `component_kind` at
+        `component.hookpoint`, else `default_hookpoint`. Methods whose need depends on their config
+        override this."""
+        if cls.component_kind is None:
+            return None
+        return ComponentRequest(cls.component_kind, component_cfg.get("hookpoint") or cls.default_hookpoint,
+                                cls.__name__)
+
+    def _check_component(self) -> None:
+        request = self.component_request(self.cfg, self.ctx.component_cfg or {}, self.adapter)
+        if request is None:
+            return
+        kind = "transcoder" if getattr(self.component, "is_transcoder", False) else "sae"
+        if self.component is None or kind != request.kind:
+            got = "none" if self.component is None else KIND_NAMES[kind]
+            raise ValueError(f"{request.who} needs {KIND_NAMES[request.kind]} (top-k) as its component (got {got}); "
+                             "the job loads component.path, or the embedded world's default")
+
+    # The interface --------------------------------------------------------------------------
 
     def prepare(self, corpus: list[str] | None = None) -> None:
         """One-off work before the first edit (statistics, calibration). Default: nothing."""
@@ -90,8 +197,21 @@ class Editor(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` onto an editor built over a fresh copy of the base model."""
 
+    # Optional hooks, one signature each ------------------------------------------------------
+
     def rollback(self, edit_id: int) -> None:
+        """Undo edit `edit_id` (methods with `supports_rollback`)."""
         raise NotImplementedError(f"{self.name} does not support rolling back an edit")
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 8, **kwargs) -> list[str]:
+        """Greedy continuations of `prompts` by the edited model (`greedy_generate` inside `edited()`);
+        a method whose edit is decided per sequence (a router, a scope gate) holds that decision."""
+        return greedy_generate(self.edited(), self.tokenizer, prompts, max_new_tokens, self.device, **kwargs)
+
+    def export_component(self, directory: Path) -> Path | None:
+        """Write the edited sparse component for other tools (sparsify layout, `<directory>/<hookpoint>/`)
+        and return the folder; None (the default) for methods with nothing to export."""
+        return None
 
     # Helpers shared by subclasses -------------------------------------------------------------
     def resolve_layer(self, value: int, key: str = "editor.layer", verb: str = "is") -> int:
@@ -102,6 +222,13 @@ class Editor(ABC):
             raise ValueError(f"{key} {verb} {value}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
         return value % n
 
+    def check_state_for(self, state: dict[str, Any], key: str, mine: Any, what: str) -> None:
+        """A ValueError when a saved edit state was made for another `key` (its hookpoint, its edited
+        parameter) than this editor's `mine`; `what` says what sits there (e.g. "transcoder")."""
+        if state.get(key) != mine:
+            raise ValueError(f"{self.name} edit state is for {key} {state.get(key)!r}, this editor's ({what}) is "
+                             f"{mine!r}")
+
     def ledger_state(self) -> list[dict[str, Any]]:
         return [entry.to_dict() for entry in self.ledger]
 
@@ -110,7 +237,15 @@ class Editor(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
+
+
+def solved_edit_fields(result: Any, after: Any) -> dict[str, Any]:
+    """The ledger fields of a closed-form edit whose value came from `locate.compute_value`: the solver's
+    steps and its target NLL before, the teacher-forced score after the edit (`metrics.TokenScore`)."""
+    return {"steps": len(result.losses) - 1, "metrics_before": {"target_nll": result.losses[0]["nll"]},
+            "metrics_after": {"target_nll": after.nll, "target_argmax": float(after.exact),
+                              "value_nll": result.final_nll}}
 
 
 @torch.no_grad()
@@ -122,11 +257,8 @@ def greedy_generate(edited: ContextManager[nn.Module], tokenizer, prompts: Seque
 
     For a plain model pass `contextlib.nullcontext(model)`.
     """
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # continue at the right end
-    try:
+    with padding_side(tokenizer, "left"):  # continue at the right end
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
     kwargs.setdefault("do_sample", False)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     with edited as model:

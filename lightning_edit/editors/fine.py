@@ -36,12 +36,12 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import activations, encode_prompt
-from lightning_edit.locate.positions import pad_id, right_padded
-from lightning_edit.metrics import target_positions
+from lightning_edit.locate import activations
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
 
 LOCATE_TOKENS = ("target", "prediction")
 
@@ -94,16 +94,15 @@ class FiNE(Editor):
     config_class = FiNEConfig
     supports_rollback = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: FiNEConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        n = adapter.num_layers
+    def setup(self) -> None:
+        cfg = self.cfg
+        n = self.adapter.num_layers
         if cfg.skip_last_layers >= n:
             raise ValueError(f"editor.skip_last_layers is {cfg.skip_last_layers}; the model has only {n} layers")
         self.layers = list(range(n - cfg.skip_last_layers))
         self.deltas: list[dict[str, Any]] = []
         """Per edit: {"edit_id", "layer", "neuron", "vector" [d_model]} for each changed column, in order."""
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     # Locate ----------------------------------------------------------------------------------
 
@@ -176,9 +175,7 @@ class FiNE(Editor):
         kl_seqs = self._kl_inputs(record)
         kl_ids, kl_mask = right_padded(kl_seqs, pad_id(self.tokenizer), device) if kl_seqs else (None, None)
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             with torch.no_grad():
                 base_logprobs, base_kl = self._forward(ids_t, start, kl_ids, kl_mask)  # [n_target, V], [n_kl, V]
             token = int(targets[0]) if cfg.locate_token == "target" else int(base_logprobs[0].argmax())
@@ -215,16 +212,11 @@ class FiNE(Editor):
                         self._add(layer, neuron, vector)
                         self.deltas.append({"edit_id": edit_id, "layer": layer, "neuron": neuron,
                                             "vector": vector.cpu()})
-        finally:
-            self.model.train(was_training)
         changed: dict[str, list[int]] = {}
         for layer, (idx, _) in groups.items():
             changed[self.adapter.down_proj_name(layer) + ".weight"] = sorted(idx.tolist())
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed=changed,
             delta_norm=float(torch.cat([d.detach().flatten() for d in params]).norm()),
             steps=steps,

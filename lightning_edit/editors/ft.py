@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.metrics import target_positions
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import target_positions
 
 
 @dataclass
@@ -45,13 +46,11 @@ class FineTune(Editor):
     config_class = FTConfig
     supports_batch = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: FTConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        self.layer = self.resolve_layer(cfg.layer)
-        self.param_name = adapter.down_proj_name(self.layer) + ".weight"
+    def setup(self) -> None:
+        self.layer = self.resolve_layer(self.cfg.layer)
+        self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model (a hookpoint + .weight)."""
-        for p in model.parameters():  # only the edited weight ever gets a gradient
-            p.requires_grad_(False)
+        freeze(self.model)  # only the edited weight ever gets a gradient
 
     @property
     def weight(self) -> nn.Parameter:
@@ -82,28 +81,27 @@ class FineTune(Editor):
         before = weight.detach().clone()
         encoded = [self._encode(r) for r in records]
         optimizer = torch.optim.Adam([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        was_training = self.model.training
-        self.model.eval()  # no dropout: an edit is a deterministic function of the state
         weight.requires_grad_(True)
         steps, loss_before, right_before = 0, None, None
         try:
-            while True:
-                loss, all_right = self._loss(encoded)
-                if loss_before is None:
-                    loss_before, right_before = loss.item(), all_right
-                if steps >= cfg.max_steps or (cfg.stop_at_argmax and all_right):
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                if cfg.norm_constraint is not None:
-                    with torch.no_grad():
-                        weight.copy_(torch.clamp(weight, before - cfg.norm_constraint, before + cfg.norm_constraint))
+            with eval_mode(self.model):  # no dropout: an edit is a deterministic function of the state
+                while True:
+                    loss, all_right = self._loss(encoded)
+                    if loss_before is None:
+                        loss_before, right_before = loss.item(), all_right
+                    if steps >= cfg.max_steps or (cfg.stop_at_argmax and all_right):
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    if cfg.norm_constraint is not None:
+                        with torch.no_grad():
+                            weight.copy_(torch.clamp(weight, before - cfg.norm_constraint,
+                                                     before + cfg.norm_constraint))
         finally:
             weight.requires_grad_(False)
             weight.grad = None
-            self.model.train(was_training)
         delta = weight.detach() - before
         # Rows of the [d_model, d_ff] view (output features) that moved; Conv1D stores the transpose.
         delta_out_in = delta.T if delta.shape != self.adapter.down_proj_weight(self.layer).shape else delta
@@ -111,11 +109,8 @@ class FineTune(Editor):
         seconds = time.perf_counter() - start_time
         entries = []
         for record in records:
-            entry = LedgerEntry(
-                edit_id=len(self.ledger),
-                case_id=record.case_id,
-                prompt=record.prompt,
-                target=record.target_new,
+            entry = LedgerEntry.for_record(
+                len(self.ledger), record,
                 changed={self.param_name: changed_rows},
                 delta_norm=float(delta.norm()),
                 steps=steps,

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_edit.editors.base import Editor, LedgerEntry, greedy_generate
-from lightning_edit.metrics import target_positions
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import target_positions
 
 VAL_INITS = ("cold", "warm")
 REPLACEMENTS = ("replace_last", "replace_after")
@@ -99,10 +100,10 @@ class Grace(Editor):
     name = "grace"
     config_class = GraceConfig
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: GraceConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        self.layer = self.resolve_layer(cfg.layer)
-        self.hookpoint = adapter.down_proj_name(self.layer)
+    def setup(self) -> None:
+        self.layer = self.resolve_layer(self.cfg.layer)
+        self.hookpoint = self.adapter.down_proj_name(self.layer)  # the codebook replaces this module's output
+        cfg, adapter = self.cfg, self.adapter
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size
         device = self.device
         # The codebook, one row per entry.
@@ -112,8 +113,7 @@ class Grace(Editor):
         self.labels: list[str] = []
         self.entry_edits: list[list[int]] = []  # edit ids each entry serves
         self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     # --- the adapter ------------------------------------------------------------------------------
 
@@ -218,9 +218,7 @@ class Grace(Editor):
         labels = ids[0, start:]  # the target tokens, predicted by the logits at start-1 .. L-2
         position = start - 1  # the prompt's last token: the query
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             query, out = self._query(ids, position)
             entry, action = self._place(query, self._init_value(out), record.target_new, edit_id)
             value = self.values[entry].clone().requires_grad_(True)
@@ -246,13 +244,8 @@ class Grace(Editor):
                     steps += 1
             with torch.no_grad():
                 self.values[entry] = value.detach()
-        finally:
-            self.model.train(was_training)
-        entry_record = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry_record = LedgerEntry.for_record(
+            edit_id, record,
             changed={f"{self.hookpoint}.codebook": [entry]},
             delta_norm=float(value.detach().norm()),
             steps=steps,
@@ -283,9 +276,7 @@ class Grace(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"GRACE edit state is for {state.get('hookpoint')!r}; this editor's codebook "
-                             f"sits at {self.hookpoint!r} (editor.layer)")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "codebook (editor.layer)")
         keys, values = state["keys"], state["values"]
         if keys.shape[1:] != self.keys.shape[1:] or values.shape[1:] != self.values.shape[1:]:
             raise ValueError(f"GRACE edit state has keys {list(keys.shape)} and values {list(values.shape)}; "

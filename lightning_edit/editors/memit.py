@@ -73,9 +73,8 @@ class MEMIT(Editor):
     config_class = MEMITConfig
     supports_batch = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MultiLayerConfig,
-                 component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg)
+    def setup(self) -> None:
+        cfg, adapter = self.cfg, self.adapter
         n = adapter.num_layers
         bad = [layer for layer in cfg.layers if not -n <= layer < n]
         if not cfg.layers or bad:
@@ -158,11 +157,8 @@ class MEMIT(Editor):
                                [r.target_new for r in records])
         entries = []
         for record, value, score in zip(records, values, after):
-            entry = LedgerEntry(
-                edit_id=len(self.ledger),
-                case_id=record.case_id,
-                prompt=record.prompt,
-                target=record.target_new,
+            entry = LedgerEntry.for_record(
+                len(self.ledger), record,
                 changed=changed,
                 delta_norm=sum(x * x for x in norms.values()) ** 0.5,
                 steps=len(value.losses) - 1,

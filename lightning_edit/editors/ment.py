@@ -52,12 +52,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import activations, encode_prompt, input_x_gradient
-from lightning_edit.locate.positions import pad_id, right_padded
-from lightning_edit.metrics import target_positions
+from lightning_edit.locate import activations, input_x_gradient
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
 
 LOCATE = ("ixg", "actv", "rand")
 ESTIMATE = ("alg1", "switch", "onehot")
@@ -195,14 +195,13 @@ class MENT(Editor):
     config_class = MENTConfig
     supports_rollback = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: MENTConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        layers = list(range(adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
+    def setup(self) -> None:
+        cfg = self.cfg
+        layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
         self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
         self.patches: list[Patch] = []
         self._pinv: Tensor | None = None  # [d_model, vocab], computed on first use
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     # Model access ----------------------------------------------------------------------------
 
@@ -394,9 +393,7 @@ class MENT(Editor):
         cfg = self.cfg
         edit_id = len(self.ledger)
         start_time = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             probes_before, first_target, original = self._probe_before(record)
             originals: dict[tuple[int, int], Tensor] = {}  # columns before this edit, to undo a skip
             steps, patches, resolved, per_token = self._token_steps(record), [], True, []
@@ -416,18 +413,13 @@ class MENT(Editor):
                 kept = patches
             self.patches += kept
             probe_metrics = self._probe_after(probes_before, first_target) if cfg.probes else {}
-        finally:
-            self.model.train(was_training)
         seconds = time.perf_counter() - start_time
         neuron_cost = len(patches) if resolved else cfg.quota + 1  # section III-E: a skip costs quota + 1
         changed: dict[str, list[int]] = {}
         for patch in kept:
             changed.setdefault(self.adapter.down_proj_name(patch.layer) + ".weight", []).append(patch.neuron)
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed={k: sorted(set(v)) for k, v in changed.items()},
             delta_norm=float(torch.stack([p.vector for p in kept]).norm()) if kept else 0.0,
             steps=len(patches),

@@ -30,13 +30,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import ComponentRequest, Editor, LedgerEntry
 from lightning_edit.locate import (
     Site,
     activations,
@@ -45,9 +44,10 @@ from lightning_edit.locate import (
     second_moment,
 )
 from lightning_edit.locate.value_solver import ValueSolverFields
+from lightning_edit.metrics import teacher_forced
+from lightning_edit.models import eval_mode, freeze
 from lightning_edit.sparse.splice import TranscoderMLP
-from lightning_edit.world import world_of
-from lightning_edit.metrics import target_positions, teacher_forced
+from lightning_edit.tokens import target_positions
 
 SITES = ("ffn", "transcoder")
 UPDATES = ("ridge", "gradient")
@@ -161,17 +161,23 @@ class PNKE(Editor):
     config_class = PNKEConfig
     supports_batch = False
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: PNKEConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
+    @classmethod
+    def component_request(cls, cfg: PNKEConfig, component_cfg, adapter) -> ComponentRequest | None:
+        """With `editor.site=transcoder`, a transcoder for the edited layer's MLP from `component.path`
+        (no default is trained for PNKE; TCPE's cache under `<world>/transcoder/` holds one)."""
+        if cfg.site != "transcoder":
+            return None
+        return ComponentRequest("transcoder", adapter.mlp_name(cfg.layer % adapter.num_layers),
+                                "PNKE (editor.site=transcoder)", trains_default=False)
+
+    def setup(self) -> None:
+        cfg, adapter, component = self.cfg, self.adapter, self.component
         self.layer = self.resolve_layer(cfg.layer)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
         self.coder = None
         self.splice = None
         if cfg.site == "transcoder":
-            hookpoint = getattr(component, "hookpoint", None) or adapter.mlp_name(self.layer)
-            if component is None or not getattr(component, "is_transcoder", False):
-                raise ValueError("PNKE with editor.site=transcoder needs a top-k transcoder as `component`")
+            hookpoint = component.hookpoint or adapter.mlp_name(self.layer)
             if hookpoint != adapter.mlp_name(self.layer):
                 raise ValueError(f"component.hookpoint is {hookpoint!r} but editor.layer {cfg.layer} is the MLP "
                                  f"{adapter.mlp_name(self.layer)!r}: the transcoder must replace that MLP")
@@ -184,8 +190,10 @@ class PNKE(Editor):
             self.site = "down_proj_input"
             self.param_name = adapter.down_proj_name(self.layer) + ".weight"
         self.solver = cfg.value_solver(value_site="mlp_output", key_site=None)
-        self.relation_templates: dict[str, list[str]] = {}
-        """Relation id -> cloze templates with "{subject}", to fill P_sem up (from_config sets the world's)."""
+        world = self.ctx.world
+        self.relation_templates: dict[str, list[str]] = \
+            {r.name: list(r.templates) for r in world.kb.relations} if world is not None else {}
+        """Relation id -> cloze templates with "{subject}", to fill P_sem up (an embedded world's)."""
         self.corpus_moment: Tensor | None = None
         """E[h h^T] [n, n] of the neurons over the corpus sample (float64), from `prepare`."""
         self._base_cols: dict[int, Tensor] = {}
@@ -193,45 +201,6 @@ class PNKE(Editor):
         self._edit_keys: list[Tensor] = []
         self._edit_values: list[Tensor] = []
         """Every ridge edit's key h1 [n] and value V1 [d] (float64), the retained edits of `edits_weight`."""
-
-    # --- building ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, cfg: Any, model: nn.Module, tokenizer, adapter) -> "PNKE":
-        """From a job config (`editor`, `component`); the engine calls this. On an embedded world the
-        relation templates of its knowledge base fill P_sem up."""
-        from lightning_edit.editors.state import editor_config
-
-        config = editor_config(cls.name, dict(cfg["editor"]))
-        component = None
-        if config.site == "transcoder":
-            component = cls.load_transcoder(dict(cfg.get("component") or {}), model, adapter, config)
-        editor = cls(model, tokenizer, adapter, config, component)
-        world = world_of(model)
-        if world is not None:
-            editor.relation_templates = {r.name: list(r.templates) for r in world.kb.relations}
-        return editor
-
-    @staticmethod
-    def load_transcoder(component_cfg: dict[str, Any], model: nn.Module, adapter, config: PNKEConfig) -> nn.Module:
-        """The transcoder for the edited layer's MLP from `component.path` (a sparsify folder or a root
-        of hookpoint folders)."""
-        from lightning_edit.sparse import check_width, load_sparse_coder
-
-        hookpoint = adapter.mlp_name(config.layer % adapter.num_layers)
-        path = component_cfg.get("path")
-        if not path:
-            raise ValueError(f"editor.site=transcoder: set component.path to a transcoder trained on {hookpoint!r} "
-                             f"(train_transcoder.py hookpoints=[{hookpoint}]; TCPE caches the embedded world's "
-                             "default under <world>/transcoder/)")
-        folder = Path(path) / hookpoint if (Path(path) / hookpoint).is_dir() else Path(path)
-        coder = load_sparse_coder(folder, device=next(model.parameters()).device)
-        if not coder.is_transcoder:
-            raise ValueError(f"{folder}: editor.site=transcoder needs a transcoder, got an SAE")
-        d_in, d_out = adapter.hookpoint_io_dims(hookpoint)
-        check_width(coder, d_in, hookpoint, "the model", expected_d_out=d_out)
-        coder.hookpoint = hookpoint
-        return coder
 
     # --- the edited model and its neurons ---------------------------------------------------
 
@@ -345,11 +314,8 @@ class PNKE(Editor):
         seconds = time.perf_counter() - start
         with self.edited():
             after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={self.param_name: neurons.tolist()},
             delta_norm=float(delta.norm()),
             steps=steps,
@@ -408,9 +374,7 @@ class PNKE(Editor):
         steps = 0
         param.requires_grad_(True)
         try:
-            with self.edited() as model:
-                was_training = model.training
-                model.eval()
+            with self.edited() as model, eval_mode(model):
                 while True:
                     logits = model(input_ids=ids_t, use_cache=False).logits[0, start - 1:-1].float()
                     nll = nn.functional.cross_entropy(logits, targets)
@@ -425,7 +389,6 @@ class PNKE(Editor):
                     param.grad.mul_(mask)  # Eq. 9: Delta = Delta * M (Adam keeps masked entries at 0)
                     optimizer.step()
                     steps += 1
-                model.train(was_training)
         finally:
             param.requires_grad_(False)
             param.grad = None
@@ -449,8 +412,7 @@ class PNKE(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("param") != self.param_name:
-            raise ValueError(f"PNKE edit state edits {state.get('param')!r}; this editor edits {self.param_name!r}")
+        self.check_state_for(state, "param", self.param_name, "edited parameter")
         tensors = state["tensors"]
         neurons = tensors["neurons"].long()
         w = self.out_weight()

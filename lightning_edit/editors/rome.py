@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, LedgerEntry, solved_edit_fields
 from lightning_edit.locate import compute_value, editing_second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
@@ -53,12 +53,11 @@ class ROME(Editor):
     config_class = ROMEConfig
     supports_batch = False
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: ROMEConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg)
-        self.layer = self.resolve_layer(cfg.layer)
-        self.param_name = adapter.down_proj_name(self.layer) + ".weight"
+    def setup(self) -> None:
+        self.layer = self.resolve_layer(self.cfg.layer)
+        self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
-        self.solver = cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
+        self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
         self.second_moment: torch.Tensor | None = None
         """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
 
@@ -96,18 +95,12 @@ class ROME(Editor):
             w.add_(update.to(w.dtype))
         seconds = time.perf_counter() - start
         after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={self.param_name: (residual != 0).nonzero().flatten().tolist()},  # output rows moved
             delta_norm=float(update.norm()),
-            steps=len(result.losses) - 1,
             seconds=seconds,
-            metrics_before={"target_nll": result.losses[0]["nll"]},
-            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
-                           "value_nll": result.final_nll},
+            **solved_edit_fields(result, after),
             extra={"layer": self.layer, "position": result.position},
         )
         self.ledger.append(entry)

@@ -16,29 +16,26 @@ Since k* is zero off S_j, the restricted update still maps k* exactly to v* (wit
 The splice: the transcoder replaces the MLP only inside `edited()` (and while an edit is computed),
 through `adapter.swap`; outside, `self.model` is the unedited base LM and the edits live in the
 editor's own copy of the transcoder (`self.coder.W_dec`). "The base model" for Loc is therefore the
-LM with the unedited transcoder spliced in. With no `component.path` on an embedded world, the
-world's default transcoder (configs/transcoder.yaml's coder) is found under
-`<world.root>/transcoder/<hookpoint>-k<k>/` or trained there first (said on stderr).
+LM with the unedited transcoder spliced in. The job layer loads the transcoder (`component.path`),
+or with no path on an embedded world finds the world's default (configs/transcoder.yaml's coder)
+under `<world.root>/transcoder/<hookpoint>-k<k>/` or trains it there first (`jobs/components.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import ComponentRequest, Editor, LedgerEntry, solved_edit_fields
 from lightning_edit.locate import Site, activations, compute_value, second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
-from lightning_edit.sparse.splice import TranscoderMLP
-from lightning_edit.world import world_of
 from lightning_edit.metrics import teacher_forced
+from lightning_edit.sparse.splice import TranscoderMLP
 
 
 @dataclass
@@ -71,63 +68,29 @@ class TCPE(Editor):
     name = "tcpe"
     config_class = TCPEConfig
     supports_batch = False
+    component_kind = "transcoder"
+    default_hookpoint = "layers.2.mlp"
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: TCPEConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        if component is None or not getattr(component, "is_transcoder", False):
-            raise ValueError("TCPE needs a top-k transcoder as `component` (see TCPE.from_config)")
-        hookpoint = getattr(component, "hookpoint", None)
-        self.layer = _mlp_layer(adapter, hookpoint)
+    @classmethod
+    def component_request(cls, cfg: TCPEConfig, component_cfg, adapter) -> ComponentRequest:
+        """The transcoder at `component.hookpoint`, an MLP (checked before anything is loaded or trained)."""
+        request = super().component_request(cfg, component_cfg, adapter)
+        _mlp_layer(adapter, request.hookpoint)
+        return request
+
+    def setup(self) -> None:
+        hookpoint = self.component.hookpoint
+        self.layer = _mlp_layer(self.adapter, hookpoint)
         self.hookpoint = hookpoint
-        self.coder = component
+        self.coder = self.component
         self.coder.requires_grad_(False)
         self.splice = TranscoderMLP(self.coder)
         self.latent_site = Site(f"{hookpoint}.latents", "output")
-        self.solver = cfg.value_solver(value_site="mlp_output", key_site=None)
+        self.solver = self.cfg.value_solver(value_site="mlp_output", key_site=None)
         self.c_inv: Tensor | None = None
         """(C + ridge)^-1 [n, n] float64 on the model's device, from `prepare`."""
         self._base_rows: dict[int, Tensor] = {}
         """Decoder row -> its value in the unedited transcoder, for every row an edit changed."""
-
-    # --- building ---------------------------------------------------------------------------
-
-    @classmethod
-    def build_component(cls, component_cfg: dict[str, Any], model: nn.Module, adapter) -> nn.Module:
-        """The transcoder at `component.hookpoint` (an MLP) from `component.path` (a sparsify folder,
-        or a root of hookpoint folders); with no path on an embedded world, the world's default."""
-        from lightning_edit.sparse import check_width, load_sparse_coder
-
-        hookpoint = component_cfg.get("hookpoint") or "layers.2.mlp"
-        _mlp_layer(adapter, hookpoint)  # an MLP hookpoint, or a clear error
-        path = component_cfg.get("path")
-        device = next(model.parameters()).device
-        model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if path:
-            folder = Path(path) / hookpoint if (Path(path) / hookpoint).is_dir() else Path(path)
-            coder = load_sparse_coder(folder, device=device)
-        else:
-            world = world_of(model)
-            if world is None:
-                raise ValueError(
-                    f"component.path is not set and model {model_name!r} is not an embedded world: give TCPE "
-                    f"a top-k transcoder trained on {hookpoint!r} (train_transcoder.py hookpoints=[{hookpoint}])")
-            coder = default_transcoder(world, hookpoint, device=device)
-        if not coder.is_transcoder:
-            raise ValueError(f"{getattr(coder, 'source_path', path)}: TCPE needs a transcoder (mode "
-                             "'transcoder', an MLP's input -> output), got an SAE")
-        d_in, d_out = adapter.hookpoint_io_dims(hookpoint)
-        check_width(coder, d_in, hookpoint, f"model {model_name!r}", expected_d_out=d_out)
-        coder.hookpoint = hookpoint
-        return coder
-
-    @classmethod
-    def from_config(cls, cfg: Any, model: nn.Module, tokenizer, adapter) -> "TCPE":
-        """From a job config's `editor` and `component` sections (the engine calls this)."""
-        from lightning_edit.editors.state import editor_config
-
-        params = dict(cfg["editor"])
-        component = cls.build_component(dict(cfg.get("component") or {}), model, adapter)
-        return cls(model, tokenizer, adapter, editor_config(cls.name, params), component)
 
     # --- statistics -------------------------------------------------------------------------
 
@@ -187,18 +150,12 @@ class TCPE(Editor):
         seconds = time.perf_counter() - start
         with self.edited():
             after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
-        entry = LedgerEntry(
-            edit_id=len(self.ledger),
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            len(self.ledger), record,
             changed={f"{self.hookpoint}.W_dec": rows.tolist()},
             delta_norm=float(update.norm()),
-            steps=len(result.losses) - 1,
             seconds=seconds,
-            metrics_before={"target_nll": result.losses[0]["nll"]},
-            metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
-                           "value_nll": result.final_nll},
+            **solved_edit_fields(result, after),
             extra={"layer": self.layer, "position": result.position, "active": int((key != 0).sum()),
                    "support": len(rows)},
         )
@@ -222,9 +179,7 @@ class TCPE(Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"TCPE edit state is for hookpoint {state.get('hookpoint')!r}; this editor's "
-                             f"transcoder is at {self.hookpoint!r}")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "transcoder")
         tensors = state["tensors"]
         rows, values = tensors["rows"].long(), tensors["values"]
         w_dec = self.coder.W_dec
@@ -251,38 +206,3 @@ def _mlp_layer(adapter, hookpoint: str | None) -> int:
             return i
     names = [adapter.mlp_name(i) for i in range(adapter.num_layers)]
     raise ValueError(f"component.hookpoint is {hookpoint!r}; a transcoder replaces an MLP: one of {names}")
-
-
-def default_transcoder(world, hookpoint: str, device: torch.device | str | None = None) -> nn.Module:
-    """The world's default transcoder at `hookpoint` (configs/transcoder.yaml's coder), cached in
-    `<world.root>/transcoder/<hookpoint>-k<k>/`; trained there by the transcoder job on first use."""
-    from filelock import FileLock
-
-    from lightning_edit.config import load_config
-    from lightning_edit.jobs import transcoder as transcoder_job
-    from lightning_edit.jobs.sparse import train
-    from lightning_edit.sparse import load_sparse_coder
-
-    base = load_config(transcoder_job.SCHEMA, [], default_config=transcoder_job.DEFAULT_CONFIG)
-    folder = Path(world.root) / "transcoder" / f"{hookpoint}-k{base.coder.k}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / hookpoint / "cfg.json").is_file():
-            _say(f"no transcoder given (component.path): training the default transcoder for {world.root.name} "
-                 f"at {hookpoint} (k={base.coder.k}) into {folder} ...")
-            start = time.perf_counter()
-            overrides = [f"model.name={world.model_dir}", f"data.path={world.corpus_path}", "data.packing=false",
-                         f"hookpoints=[{hookpoint}]", f"export_dir={folder}",
-                         f"output_dir={folder.with_name(folder.name + '.run')}", "logger=csv",
-                         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
-            cfg = load_config(transcoder_job.SCHEMA, overrides, default_config=transcoder_job.DEFAULT_CONFIG)
-            if train(cfg, job="transcoder") != 0:
-                raise RuntimeError(f"training the default transcoder into {folder} failed (see above)")
-            _say(f"default transcoder trained in {time.perf_counter() - start:.0f} s")
-        else:
-            _say(f"using the default transcoder in {folder / hookpoint}")
-    return load_sparse_coder(folder / hookpoint, device=device)
-
-
-def _say(message: str) -> None:
-    print(f"[lightning-edit tcpe] {message}", file=sys.stderr, flush=True)

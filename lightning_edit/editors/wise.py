@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_edit.editors.base import Editor, HeldRouting, LedgerEntry
-from lightning_edit.locate import encode_prompt
 from lightning_edit.locate.positions import subject_span, token_ending_at
-from lightning_edit.metrics import target_positions
+from lightning_edit.models import eval_mode, freeze
+from lightning_edit.tokens import encode_prompt, pad_id, target_positions
 
 MERGE_ALGS = ("ties", "linear")
 ACT_SCOPES = ("sequence", "subject")
@@ -163,11 +163,11 @@ class Wise(HeldRouting, Editor):
     name = "wise"
     config_class = WiseConfig
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: WiseConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
+    def setup(self) -> None:
+        cfg, adapter = self.cfg, self.adapter
         self.layer = self.resolve_layer(cfg.layer)
-        self.hookpoint = adapter.down_proj_name(self.layer)
         self.shape = tuple(adapter.down_proj_weight(self.layer).shape)  # [d_model, d_ff]
+        self.hookpoint = adapter.down_proj_name(self.layer)  # the router adds the side memory's output here
         self.side: Tensor | None = None
         """The merged side memory's change D (None until the first merge)."""
         self.shards: list[Tensor] = []
@@ -184,8 +184,7 @@ class Wise(HeldRouting, Editor):
         self._batch: dict[str, Tensor | None] = {}
         self._hold: bool = False
         self._held: tuple[Tensor, Tensor] | None = None  # (routed, memory) per sequence, while generating
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     def prepare(self, corpus: list[str] | None = None) -> None:
         """Keep the corpus: WISE draws its irrelevant inputs x_i from it."""
@@ -254,15 +253,11 @@ class Wise(HeldRouting, Editor):
             valid = self._valid(x)
             got.append(torch.stack([self._score(F.linear(x, d.to(x.dtype)), valid) for d in memories], dim=1))
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for text in texts:
                 ids = torch.tensor([encode_prompt(self.tokenizer, text)], device=self.device)
                 with self.adapter.hooks({self.hookpoint: grab}):
                     self.model(input_ids=ids, use_cache=False)
-        finally:
-            self.model.train(was_training)
         return torch.cat(got).cpu()
 
     # --- editing ----------------------------------------------------------------------------------
@@ -296,7 +291,7 @@ class Wise(HeldRouting, Editor):
             rows.append(ids)
             labels.append([-100] * (len(ids) - 1))
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.tokenizer)
         ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
         labels_t = torch.full((len(rows), width - 1), -100, dtype=torch.long)
@@ -369,10 +364,8 @@ class Wise(HeldRouting, Editor):
             whole = _masked_mean(norms[:n_edit], batch.valid[:n_edit])
             return nll, right, edit_in, torch.cat(out), whole
 
-        was_training = self.model.training
-        self.model.eval()
         steps, last_loss, stopped = 0, None, False
-        try:
+        with eval_mode(self.model):
             with self.adapter.hooks({self.hookpoint: side_forward}):
                 with torch.no_grad():
                     nll_before, right_before, *_ = forward()
@@ -395,8 +388,6 @@ class Wise(HeldRouting, Editor):
                     steps = cfg.n_iter
                 with torch.no_grad():
                     nll_after, right_after, edit_in, out_scope, whole = forward()
-        finally:
-            self.model.train(was_training)
         self.current = delta.detach()
         edit_act = float(whole.min())
         self.min_act = min(self.min_act, edit_act)  # calibrates the routing threshold (Eq. 4)
@@ -410,11 +401,8 @@ class Wise(HeldRouting, Editor):
             self._merge()
             merged = True
         change = (delta.detach() - before)
-        entry = LedgerEntry(
-            edit_id=edit_id,
-            case_id=record.case_id,
-            prompt=record.prompt,
-            target=record.target_new,
+        entry = LedgerEntry.for_record(
+            edit_id, record,
             changed={f"{self.hookpoint}.side_memory": (change != 0).any(dim=1).nonzero().flatten().tolist()},
             delta_norm=float(change.norm()),
             steps=steps,
@@ -463,9 +451,7 @@ class Wise(HeldRouting, Editor):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hookpoint") != self.hookpoint:
-            raise ValueError(f"WISE edit state is for {state.get('hookpoint')!r}; this editor's side memory "
-                             f"is at {self.hookpoint!r} (editor.layer)")
+        self.check_state_for(state, "hookpoint", self.hookpoint, "side memory (editor.layer)")
         device = self.device
 
         def load(name: str, t: Tensor | None, dtype=torch.float32) -> Tensor | None:

@@ -1,7 +1,7 @@
 """The jobs the command line runs: each is a config schema, a default config file and a run function.
 
 A job module exposes `SCHEMA` (a dataclass), `DEFAULT_CONFIG` (a file in configs/), `SUMMARY` (one
-line for help) and `run(cfg) -> int`. The CLI imports a job only when it is asked for, so `--help`
+line for help), optionally `EXAMPLES` (command lines for `--help`), and `run(cfg) -> int`. The CLI imports a job only when it is asked for, so `--help`
 stays fast and a job's heavy imports (torch, transformers) are paid only by that job.
 """
 
@@ -15,6 +15,7 @@ JOBS: dict[str, str] = {
     "sae": "lightning_edit.jobs.sparse",
     "transcoder": "lightning_edit.jobs.transcoder",
     "generate": "lightning_edit.jobs.generate",
+    "calibrate": "lightning_edit.jobs.calibrate",
 }
 
 

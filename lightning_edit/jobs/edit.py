@@ -1,9 +1,10 @@
 """`run edit`: a lifelong stream of knowledge edits applied through one editor.
 
-config -> (validate editor config, read + validate every edit record) -> load model -> build editor
--> editor.prepare(corpus) -> Trainer.fit(EditModule, EditStream) -> results table (printed, JSON, CSV,
-markdown, PNG) and the edit state (`<output_dir>/edit_state`, reloadable with `load_edited`).
-Everything that can be wrong in the config or the data fails before the model is loaded.
+config -> `build_edit_run` (validate editor config, read + validate every edit record, load model,
+resolve the component, build editor, editor.prepare(corpus)) -> Trainer.fit(EditModule, EditStream)
+-> results table (printed, JSON, CSV, markdown, PNG) and the edit state (`<output_dir>/edit_state`,
+reloadable with `jobs.edit_run.load_edited`). Everything that can be wrong in the config or the data
+fails before the model is loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.callbacks.config import CallbacksConfig
 from lightning_edit.config import RunConfig, save_config
+from lightning_edit.constants import CHECKPOINTS_DIR, EDIT_STATE_DIR, LAST_CHECKPOINT
 
 SUMMARY = "apply a lifelong stream of knowledge edits (MicroEdit, TCPE, PNKE, MENT, FiNE, baselines)"
 DEFAULT_CONFIG = "microedit.yaml"
@@ -93,27 +95,7 @@ class EditJobConfig(RunConfig):
 SCHEMA = EditJobConfig
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _read_corpus(cfg: DictConfig) -> list[str] | None:
-    if cfg.data.corpus:
-        path = Path(cfg.data.corpus)
-    else:
-        from lightning_edit.world import WORLD_NAMES, load_world
-
-        if cfg.model.name not in WORLD_NAMES:
-            return None
-        path = load_world(cfg.model.name).corpus_path
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int, corpus: list[str] | None):
+def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int, world: Any, corpus: list[str] | None):
     """lightning.Trainer from `cfg.trainer` as is, over defaults for an edit stream."""
     from lightning import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -130,12 +112,12 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int, corpus: list[st
                          "(use data.limit for T, trainer.max_steps to stop early)")
     kwargs.setdefault("logger", build_loggers(cfg, output_dir, "edit") or False)
     callbacks = list(kwargs.pop("callbacks", None) or [])
-    callbacks += build_callbacks(cfg.callbacks, checkpoints=cfg.eval.checkpoints, world=cfg.model.name,
+    callbacks += build_callbacks(cfg.callbacks, checkpoints=cfg.eval.checkpoints, world=world,
                                  corpus=corpus, output_dir=output_dir,
                                  progress_bar=kwargs.get("enable_progress_bar", True))
     if kwargs.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(
-            dirpath=output_dir / "checkpoints",
+            dirpath=output_dir / CHECKPOINTS_DIR,
             filename="edits-{step}",
             every_n_train_steps=max(1, cfg.checkpoint.every_n_edits // batch_size),
             save_last=cfg.checkpoint.save_last,
@@ -145,13 +127,11 @@ def _trainer(cfg: DictConfig, output_dir: Path, batch_size: int, corpus: list[st
 
 
 def run(cfg: DictConfig) -> int:
-    from datamodules.edits import EditStream
-    from lightning_edit.editors import editor_class
-    from lightning_edit.editors.state import build_editor, editor_config, save_edit_state
-    from lightning_edit.loggers import resolve_output_dir, seed_everything, set_cpu_threads
+    from lightning_edit.editors.state import save_edit_state
+    from lightning_edit.jobs.edit_run import build_edit_run, check_edit_config
     from lightning_edit.metrics import EditScorer
-    from lightning_edit.models import ModelAdapter, load_model
     from lightning_edit.results import markdown_table, save_results
+    from lightning_edit.runtime import resolve_output_dir, seed_everything, set_cpu_threads
     from modules.edit_module import EditModule
 
     # Lightning asks manual-optimisation users to checkpoint the state before optimizer.step();
@@ -162,48 +142,34 @@ def run(cfg: DictConfig) -> int:
     output_dir = resolve_output_dir(cfg.output_dir, "edit")
 
     # Everything checkable without the model fails here, before any work.
-    params = OmegaConf.to_container(cfg.editor, resolve=True)
-    method = params.get("method")
     try:
-        editor_cls = editor_class(method)
-        editor_config(method, params)
+        check_edit_config(cfg)
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    if cfg.data.batch_size > 1 and not editor_cls.supports_batch:
-        print(f"error: editor '{method}' edits one record at a time; data.batch_size must be 1 "
-              f"(got {cfg.data.batch_size})", file=sys.stderr)
-        return 2
-    stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, cfg.data.batch_size,
-                        cfg.data.limit, model_name=cfg.model.name)
-    stream.setup("fit")  # reads and validates every record: EditDataError names file, record, field
+    run = build_edit_run(cfg)  # the stream is read and validated before the model is loaded
     save_config(cfg, output_dir)
+    editor, stream = run.editor, run.stream
 
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
-    adapter = ModelAdapter(model)
-    component_cfg = OmegaConf.to_container(cfg.component, resolve=True)
-    editor = build_editor(method, params, model, tokenizer, adapter, component_cfg, cfg.model.name)
-    corpus = _read_corpus(cfg)
-    editor.prepare(corpus)
-
-    module = EditModule(editor, EditScorer(tokenizer, batch_size=cfg.eval.batch_size),
+    module = EditModule(editor, EditScorer(run.tokenizer, batch_size=cfg.eval.batch_size),
                         checkpoints=cfg.eval.checkpoints, immediate=cfg.eval.immediate)
     ckpt_path = cfg.checkpoint.resume
     if ckpt_path == "last":
-        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        ckpt_path = str(output_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT)
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {ckpt_path}")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours
-    trainer = _trainer(cfg, output_dir, cfg.data.batch_size, corpus)
+    trainer = _trainer(cfg, output_dir, cfg.data.batch_size, run.world, run.corpus)
     trainer.fit(module, datamodule=stream, ckpt_path=ckpt_path, weights_only=True)
 
     if trainer.is_global_zero:
+        method = run.method
         title = f"{method} on {cfg.model.name}: {stream.num_edits} edits from {Path(stream.path).name}"
         meta = {"method": method, "model": cfg.model.name, "data": str(stream.path),
                 "order_seed": cfg.data.order_seed, "edits": len(editor.ledger), "output_dir": str(output_dir)}
         save_results(module.rows, output_dir, meta=meta, title=title)
-        save_edit_state(editor, output_dir / "edit_state", model=cfg.model.name, component=component_cfg)
+        save_edit_state(editor, output_dir / EDIT_STATE_DIR)
         print(markdown_table(module.rows, title))
         print(f"results, plot and edit state in {output_dir}")
     return 0

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.config import ConfigError, RunConfig
+from lightning_edit.constants import CHECKPOINTS_DIR, EXPORT_DIR, LAST_CHECKPOINT, SUMMARY_JSON, SUMMARY_MD
 
 SUMMARY = "train top-k sparse autoencoders on residual streams"
 DEFAULT_CONFIG = "sae.yaml"
@@ -143,11 +144,11 @@ def _resume_path(cfg: DictConfig, job: str) -> tuple[str | None, str | None]:
             raise ConfigError(f"resume: checkpoint '{path}' does not exist")
         return _checked_checkpoint(path), cfg.output_dir
     if cfg.output_dir:
-        path = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+        path = Path(cfg.output_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT
         if not path.is_file():
             raise ConfigError(f"resume=last: no {path}")
         return _checked_checkpoint(path), cfg.output_dir
-    candidates = sorted(Path("runs", job).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(Path("runs", job).glob(f"*/{CHECKPOINTS_DIR}/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError(f"resume=last: no runs/{job}/*/checkpoints/last.ckpt; give output_dir or a path")
     return _checked_checkpoint(candidates[-1]), str(candidates[-1].parents[1])
@@ -201,7 +202,8 @@ def _train(cfg: DictConfig, job: str) -> int:
 
     from datamodules.tokens import TokenDataModule
     from lightning_edit.config import save_config
-    from lightning_edit.loggers import build_loggers, resolve_output_dir, seed_everything, set_cpu_threads
+    from lightning_edit.loggers import build_loggers
+    from lightning_edit.runtime import resolve_output_dir, seed_everything, set_cpu_threads
     from lightning_edit.models import ModelAdapter, load_model
     from modules.sparse_coder_module import SparseCoderModule
 
@@ -261,7 +263,7 @@ def _train(cfg: DictConfig, job: str) -> int:
         activation_cache=activation_cache,
     )
 
-    checkpoints = output_dir / "checkpoints"
+    checkpoints = output_dir / CHECKPOINTS_DIR
     callbacks = [
         ModelCheckpoint(
             dirpath=checkpoints,
@@ -284,16 +286,16 @@ def _train(cfg: DictConfig, job: str) -> int:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # the final state, for resume=last
+    trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # the final state, for resume=last
     if not trainer.is_global_zero:
         return 0
 
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else output_dir / "export"
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else output_dir / EXPORT_DIR
     export_and_check(module, ModelAdapter(model), export_dir)
     rows = summary_rows(module, export_dir, packing=datamodule.packing)
     table = markdown_table(rows)
-    (output_dir / "summary.md").write_text(table + "\n")
-    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (output_dir / SUMMARY_MD).write_text(table + "\n")
+    (output_dir / SUMMARY_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     sys.stdout.write("\n" + table + "\n\n")
     sys.stdout.write(f"run folder: {output_dir}\n")
     sys.stdout.flush()

@@ -21,15 +21,9 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from lightning_edit.locate.positions import (
-    Position,
-    encode_prompt,
-    pad_id,
-    per_prompt,
-    resolve_position,
-    right_padded,
-)
-from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
+from lightning_edit.locate.positions import Position, per_prompt, resolve_position
+from lightning_edit.models import ModelAdapter, eval_mode, hidden_of, model_device, with_hidden
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded
 
 SITES = ("down_proj_input", "mlp_input", "mlp_output", "layer_output", "coder_latents")
 
@@ -73,14 +67,15 @@ class StopForward(Exception):
 
 
 @contextmanager
-def capture(adapter: ModelAdapter, site: Site, stop: bool = False) -> Iterator[list[torch.Tensor]]:
+def capture(adapter: ModelAdapter, site: Site, stop: bool = False, raw: bool = False) -> Iterator[list[Any]]:
     """Record the site's tensor [B, T, d] on every forward inside the block (appended to the yielded
     list, detached unless grad is enabled). With `stop=True` the forward is cut short right after the
-    site (wrap the call in `run_until_captured`)."""
-    seen: list[torch.Tensor] = []
+    site (wrap the call in `run_until_captured`). `raw=True` (an output site) records the module's
+    output as it is, a tensor or a tuple, for callers that need its structure (`hidden_of` reads it)."""
+    seen: list[Any] = []
 
-    def record(x: torch.Tensor) -> None:
-        seen.append(x if torch.is_grad_enabled() else x.detach())
+    def record(x: Any) -> None:
+        seen.append(x if raw or torch.is_grad_enabled() else x.detach())
         if stop:
             raise StopForward
 
@@ -88,7 +83,7 @@ def capture(adapter: ModelAdapter, site: Site, stop: bool = False) -> Iterator[l
         fns = {site.hookpoint: lambda module, args: record(args[0])}
         kind = "forward_pre"
     else:
-        fns = {site.hookpoint: lambda module, args, output: record(hidden_of(output))}
+        fns = {site.hookpoint: lambda module, args, output: record(output if raw else hidden_of(output))}
         kind = "forward"
     with adapter.hooks(fns, kind=kind):
         yield seen
@@ -121,24 +116,6 @@ def replace_at(adapter: ModelAdapter, site: Site, positions: torch.Tensor, value
         kind = "forward"
     with adapter.hooks(fns, kind=kind):
         yield
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the block, restoring the model's training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def dense_latents(coder: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,15 +22,13 @@ from lightning_edit.locate.activations import (
     Site,
     SiteSpec,
     capture,
-    eval_mode,
-    model_device,
     replace_at,
     resolve_site,
     run_until_captured,
 )
 from lightning_edit.locate.positions import Position, resolve_position
-from lightning_edit.metrics.edit_metrics import target_positions
-from lightning_edit.models import ModelAdapter
+from lightning_edit.models import ModelAdapter, eval_mode, model_device
+from lightning_edit.tokens import target_positions
 
 OBJECTIVES = ("logit", "logprob")
 RULES = ("midpoint", "right")

@@ -1,18 +1,15 @@
 """Token positions: where a prompt's key sits (the subject's last token, or the prompt's last token).
 
-Prompts are tokenised exactly as the edit metrics tokenise them (leading special tokens such as BOS,
-nothing appended at the end), so an index found here is the same index in `target_positions`'s ids
-of `prompt + " " + target`.
+Prompts are tokenised by `tokens.encode_prompt`, as the edit metrics tokenise them (leading special
+tokens such as BOS, nothing appended at the end), so an index found here is the same index in
+`tokens.target_positions`'s ids of `prompt + " " + target`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Union
 
-import torch
-
-from lightning_edit.metrics.edit_metrics import _encode
+from lightning_edit.tokens import encode_prompt
 
 Position = Union[str, int]
 """A position rule: "last" (the prompt's last token), "subject_last" (the subject's last token,
@@ -20,14 +17,6 @@ falling back to "last"), "all" (every real token), or an int index into the prom
 (negative counts from the end)."""
 
 POSITION_RULES = ("last", "subject_last", "all")
-
-
-def encode_prompt(tok: Any, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's leading special tokens (BOS) and no trailing EOS."""
-    ids = _encode(tok, text)
-    if not ids:
-        raise ValueError(f"text {text!r} has no tokens")
-    return ids
 
 
 def subject_span(prompt: str, subject: str | None) -> tuple[int, int] | None:
@@ -103,24 +92,3 @@ def per_prompt(value: Any, n: int, what: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{len(values)} {what} for {n} prompts (expected one per prompt or a single value)")
     return values
-
-
-def right_padded(sequences: Sequence[list[int]], pad_id: int,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) [B, T], padded on the right: every real token keeps its position
-    and its causal context, so batching changes no activation."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tok: Any) -> int:
-    """The id used for padding: the pad token, else EOS, else 0 (padding is masked out anyway)."""
-    for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -36,14 +36,12 @@ from lightning_edit.locate.activations import (
     Site,
     SiteSpec,
     capture,
-    eval_mode,
-    model_device,
     resolve_site,
     run_until_captured,
     site_reader,
 )
-from lightning_edit.locate.positions import encode_prompt, pad_id, right_padded
-from lightning_edit.models import ModelAdapter
+from lightning_edit.models import ModelAdapter, eval_mode, model_device
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded
 
 CACHE_ENV = "LIGHTNING_EDIT_CACHE"
 FORMAT_VERSION = 1
@@ -196,6 +194,14 @@ def tensor_hash(tensors: Sequence[torch.Tensor]) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no extra copy
     return h.hexdigest()
+
+
+def evenly_spaced(items: Sequence[Any], n: int) -> list[Any]:
+    """n items evenly spaced through `items` (all when n <= 0 or n >= len): deterministic, covers the corpus."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
 
 
 def read_corpus(corpus: Corpus) -> tuple[list[str], str, int, str]:

@@ -27,19 +27,11 @@ from lightning_edit.locate.activations import (
     Site,
     SiteSpec,
     capture,
-    eval_mode,
-    model_device,
     resolve_site,
 )
-from lightning_edit.locate.positions import (
-    encode_prompt,
-    pad_id,
-    right_padded,
-    subject_span,
-    token_ending_at,
-)
-from lightning_edit.metrics.edit_metrics import target_positions
-from lightning_edit.models import ModelAdapter, hidden_of, with_hidden
+from lightning_edit.locate.positions import subject_span, token_ending_at
+from lightning_edit.models import ModelAdapter, eval_mode, hidden_of, model_device, with_hidden
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
 
 DECAY_FORMS = ("relative_sq", "rome")
 

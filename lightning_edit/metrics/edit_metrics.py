@@ -11,19 +11,20 @@
 - Hallucination records: Rel is the perplexity of `target_new` given `prompt` (lower is better).
 
 `model` is any Hugging Face causal LM (called as `model(input_ids=, attention_mask=).logits`),
-`tokenizer` any HF tokenizer. Pure torch; no Lightning.
+`tokenizer` any HF tokenizer; tokenisation is `lightning_edit.tokens`'s. Pure torch; no Lightning.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
 from lightning_edit.data.records import EditRecord, LocalityPair
+from lightning_edit.models import eval_mode, model_device
+from lightning_edit.tokens import encode, pad_id, right_padded, target_positions
 
 T = TypeVar("T")
 
@@ -44,74 +45,7 @@ class TokenScore:
     """The target tokens themselves."""
 
 
-# Tokenisation ------------------------------------------------------------------------------------
-
-
-def join_prompt_target(prompt: str, target: str) -> str:
-    """`prompt + " " + target`, without doubling a space either side already has."""
-    if not prompt or not target or prompt[-1].isspace() or target[0].isspace():
-        return prompt + target
-    return prompt + " " + target
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids with the tokenizer's leading special tokens (BOS) but none appended at the end
-    (an EOS after the prompt would sit between prompt and target)."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not plain or len(plain) >= len(ids):
-        return ids
-    for start in range(len(ids) - len(plain) + 1):
-        if ids[start:start + len(plain)] == plain:
-            return ids[:start + len(plain)]
-    return ids
-
-
-def target_positions(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], int]:
-    """(ids of prompt + " " + target, index of the first target token).
-
-    The target tokens are those of the joint tokenisation beyond the prompt's own tokenisation;
-    where a tokenizer merges across the boundary, the target starts where the two disagree.
-    """
-    full = _encode(tokenizer, join_prompt_target(prompt, target))
-    alone = _encode(tokenizer, prompt)
-    start = 0
-    while start < min(len(full), len(alone)) and full[start] == alone[start]:
-        start += 1
-    if start == 0:
-        raise ValueError(f"prompt {prompt!r} has no tokens to condition on (and no BOS token is added)")
-    if start >= len(full):
-        raise ValueError(f"target {target!r} adds no tokens after prompt {prompt!r}")
-    return full, start
-
-
 # Batched forward -----------------------------------------------------------------------------
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for the duration, restoring the model's training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _forward_at(
@@ -130,20 +64,15 @@ def _forward_at(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size} (expected >= 1)")
-    device = _model_device(model)
-    pad = _pad_id(tokenizer)
+    device = model_device(model)
+    pad = pad_id(tokenizer)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[Any] = [None] * len(sequences)
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
-            width = max(len(sequences[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-                mask[row, :len(sequences[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            ids, mask = right_padded([sequences[i] for i in chunk], pad, device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for row, i in enumerate(chunk):
                 at = torch.as_tensor(list(positions[i]), dtype=torch.long, device=logits.device)
                 out[i] = reduce(i, logits[row].index_select(0, at).float())
@@ -188,7 +117,7 @@ def teacher_forced(
 def last_token_argmax(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
                       batch_size: int = 32) -> list[int]:
     """The model's argmax next token after each prompt."""
-    sequences = [_encode(tokenizer, p) for p in prompts]
+    sequences = [encode(tokenizer, p) for p in prompts]
     for p, ids in zip(prompts, sequences):
         if not ids:
             raise ValueError(f"prompt {p!r} has no tokens")

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_edit.constants import ACTIVATION_MANIFEST, ACTIVATION_OFFSETS
+
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SHARD_ROWS = 1024
 
 Acts = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
@@ -68,7 +69,7 @@ class ActivationCache:
     def from_dir(cls, folder: str | Path) -> "ActivationCache":
         """The cache in ``folder`` (a ``<root>/<key>`` folder with its manifest), to read it."""
         folder = Path(folder)
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / ACTIVATION_MANIFEST).read_text())
         cache = cls(folder.parent, manifest["key_parts"], manifest["n_rows"], manifest["shard_rows"])
         if cache.dir.resolve() != folder.resolve():
             raise ValueError(f"{folder}: its manifest hashes to key {cache.key}, not the folder's name")
@@ -80,7 +81,7 @@ class ActivationCache:
         return self.dir / f"shard-{index:05d}"
 
     def missing_shards(self) -> list[int]:
-        return [i for i in range(self.n_shards) if not (self.shard_dir(i) / "offsets.npy").is_file()]
+        return [i for i in range(self.n_shards) if not (self.shard_dir(i) / ACTIVATION_OFFSETS).is_file()]
 
     def other_caches(self) -> list[str]:
         """One line per other cache under ``root`` built for the same corpus source, naming what
@@ -88,7 +89,7 @@ class ActivationCache:
         lines = []
         if not self.root.is_dir():
             return lines
-        for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
+        for manifest in sorted(self.root.glob(f"*/{ACTIVATION_MANIFEST}")):
             if manifest.parent == self.dir:
                 continue
             try:
@@ -113,9 +114,9 @@ class ActivationCache:
             "widths": {hp: list(w) for hp, w in widths.items()},
             "dtype": str(dtype).removeprefix("torch."),
         }
-        tmp = self.dir / f".{MANIFEST}.{os.getpid()}"
+        tmp = self.dir / f".{ACTIVATION_MANIFEST}.{os.getpid()}"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.dir / MANIFEST)
+        os.replace(tmp, self.dir / ACTIVATION_MANIFEST)
 
     def build(
         self,
@@ -148,7 +149,7 @@ class ActivationCache:
                 for part, tensor in (("x", x), ("y", y)):
                     if tensor is not None:
                         np.save(tmp / _file_name(hp, part), _to_numpy(tensor))
-            np.save(tmp / "offsets.npy", offsets)  # last: its presence marks a whole shard
+            np.save(tmp / ACTIVATION_OFFSETS, offsets)  # last: its presence marks a whole shard
             try:
                 os.rename(tmp, self.shard_dir(index))
             except OSError:  # another process wrote the same shard first: keep theirs
@@ -162,12 +163,12 @@ class ActivationCache:
         missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"activation cache {self.dir}: shards {missing[:5]} are missing")
-        manifest = json.loads((self.dir / MANIFEST).read_text())
+        manifest = json.loads((self.dir / ACTIVATION_MANIFEST).read_text())
         self._dtype = getattr(torch, manifest["dtype"])
         self._shards = []
         for i in range(self.n_shards):
             folder = self.shard_dir(i)
-            arrays = {"offsets": np.load(folder / "offsets.npy")}
+            arrays = {"offsets": np.load(folder / ACTIVATION_OFFSETS)}
             for hp in self.hookpoints:
                 for part in ("x", "y"):
                     path = folder / _file_name(hp, part)

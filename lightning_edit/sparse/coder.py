@@ -135,6 +135,7 @@ class TopKSparseCoder(nn.Module):
         self.num_latents = cfg.resolved_num_latents
         self.k_aux = cfg.resolved_k_aux
         self.source_path = None  # the folder a loader read this coder from, for error messages
+        self.hookpoint: str | None = None  # where `sparse.resolve.load_component` placed it in a model
 
         # nn.Linear's default (Kaiming-uniform) init, zero bias, as in sparsify.
         self.encoder = nn.Linear(self.d_in, self.num_latents, device=device, dtype=dtype)

@@ -29,13 +29,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_edit.constants import CODER_CFG, SAELENS_SCALER, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
+
 from .coder import TopKSparseCoder
 from .config import SparseCoderConfig
-
-CFG_FILE = "cfg.json"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SAELENS_SCALER_FILE = "activation_scaler.json"  # a SAELens checkpoint's input scale
 
 # safetensors dtype codes we load; anything else (int8, float8, ...) is refused by name.
 SUPPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -59,7 +56,7 @@ def save_sparsify(coder: TopKSparseCoder, path: str | Path) -> Path:
         **coder.cfg.to_dict(),
         "transcode": coder.is_transcoder,  # sparsify's name for mode="transcoder"
     }
-    _write_json(path / CFG_FILE, cfg)
+    _write_json(path / CODER_CFG, cfg)
     tensors = {name: t.detach().contiguous().cpu() for name, t in coder.state_dict().items()}
     save_file(tensors, str(path / SPARSIFY_WEIGHTS))
     return path
@@ -78,7 +75,7 @@ def load_sparsify(
 ) -> TopKSparseCoder:
     """Read a sparsify folder (``cfg.json`` + ``sae.safetensors``)."""
     path = Path(path)
-    cfg_path, weights_path = path / CFG_FILE, path / SPARSIFY_WEIGHTS
+    cfg_path, weights_path = path / CODER_CFG, path / SPARSIFY_WEIGHTS
     _require(cfg_path, "sparsify", "the coder's config (d_in, num_latents or expansion_factor, k)")
     _require(weights_path, "sparsify", "encoder.weight, encoder.bias, W_dec, b_dec")
     cfg = _sparsify_config(_read_json(cfg_path), cfg_path)
@@ -153,7 +150,7 @@ def save_saelens(coder: TopKSparseCoder, path: str | Path, hook_name: str) -> Pa
         "metadata": {"hook_name": hook_name, "sae_lens_version": SAELENS_FORMAT_VERSION},
         SAELENS_EXTRA_KEY: coder.cfg.to_dict(),
     }
-    _write_json(path / CFG_FILE, cfg)
+    _write_json(path / CODER_CFG, cfg)
     tensors = {
         "W_enc": coder.encoder.weight.detach().mT.contiguous().cpu(),
         "b_enc": coder.encoder.bias.detach().contiguous().cpu(),
@@ -166,7 +163,7 @@ def save_saelens(coder: TopKSparseCoder, path: str | Path, hook_name: str) -> Pa
 
 def saelens_hook_name(path: str | Path) -> str | None:
     """The ``hook_name`` of a SAELens folder (``metadata.hook_name`` or top-level)."""
-    cfg_path = Path(path) / CFG_FILE
+    cfg_path = Path(path) / CODER_CFG
     _require(cfg_path, "SAELens", "architecture, d_in, d_sae, k, hook_name")
     raw = _read_json(cfg_path)
     meta = raw.get("metadata") or raw.get("meta") or {}
@@ -184,7 +181,7 @@ def load_saelens(
     (``_fold_saelens`` says how); options that cannot be folded are refused by name.
     """
     path = Path(path)
-    cfg_path, weights_path = path / CFG_FILE, path / SAELENS_WEIGHTS
+    cfg_path, weights_path = path / CODER_CFG, path / SAELENS_WEIGHTS
     _require(cfg_path, "SAELens", "architecture, d_in, d_sae, k, hook_name")
     _require(weights_path, "SAELens", "W_enc, b_enc, W_dec, b_dec")
     raw = _read_json(cfg_path)
@@ -313,11 +310,11 @@ def _saelens_activation_scale(raw: dict[str, Any], path: Path) -> float | None:
     file that still says "expected_average_only_in" is a mid-training checkpoint, whose factor
     sits beside it (``None`` there: the trainer never scaled).
     """
-    scaler = path / SAELENS_SCALER_FILE
+    scaler = path / SAELENS_SCALER
     if not scaler.is_file():
         raise SparseCoderFormatError(
-            f"{path / CFG_FILE}: 'normalize_activations'='expected_average_only_in' but no "
-            f"{SAELENS_SCALER_FILE} beside it: the input scaling factor is unknown (load the "
+            f"{path / CODER_CFG}: 'normalize_activations'='expected_average_only_in' but no "
+            f"{SAELENS_SCALER} beside it: the input scaling factor is unknown (load the "
             "final inference export, where SAELens has folded it, or add the checkpoint's scaler file)"
         )
     factor = _read_json(scaler).get("scaling_factor")
@@ -371,7 +368,7 @@ def detect_layout(path: str | Path) -> str:
         return "sparsify"
     if (path / SAELENS_WEIGHTS).exists():
         return "saelens"
-    cfg_path = path / CFG_FILE
+    cfg_path = path / CODER_CFG
     if cfg_path.exists():
         raw = _read_json(cfg_path)
         saelens = "d_sae" in raw or "architecture" in raw
@@ -382,8 +379,8 @@ def detect_layout(path: str | Path) -> str:
             f"which keeps its tensors in {weights}"
         )
     raise SparseCoderFormatError(
-        f"{path}: no sparse coder found; expected {CFG_FILE} + {SPARSIFY_WEIGHTS} (sparsify) "
-        f"or {CFG_FILE} + {SAELENS_WEIGHTS} (SAELens)"
+        f"{path}: no sparse coder found; expected {CODER_CFG} + {SPARSIFY_WEIGHTS} (sparsify) "
+        f"or {CODER_CFG} + {SAELENS_WEIGHTS} (SAELens)"
     )
 
 
@@ -407,17 +404,17 @@ def load_sparse_coders(
     root = Path(root)
     if not root.is_dir():
         raise SparseCoderFormatError(f"{root}: not a directory (expected one folder per hookpoint)")
-    if (root / CFG_FILE).exists():
+    if (root / CODER_CFG).exists():
         raise SparseCoderFormatError(
-            f"{root / CFG_FILE}: {root} is a single coder, not a folder of hookpoints; "
+            f"{root / CODER_CFG}: {root} is a single coder, not a folder of hookpoints; "
             "use load_sparse_coder"
         )
-    folders = {p.parent for p in root.rglob(CFG_FILE)}
+    folders = {p.parent for p in root.rglob(CODER_CFG)}
     folders |= {p.parent for p in root.rglob(SPARSIFY_WEIGHTS)}
     folders |= {p.parent for p in root.rglob(SAELENS_WEIGHTS)}
     if not folders:
         raise SparseCoderFormatError(
-            f"{root}: no sparse coders found; expected {root}/<hookpoint>/{CFG_FILE} with "
+            f"{root}: no sparse coders found; expected {root}/<hookpoint>/{CODER_CFG} with "
             f"{SPARSIFY_WEIGHTS} or {SAELENS_WEIGHTS}"
         )
     coders = {".".join(f.relative_to(root).parts): f for f in folders}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 # default world's own sentences the scores are 0.999-1.002 (README), so 1.02 leaves room for noise;
 # issue 12 saw scores above it on a held-back single-sentence world fed packed text. The uniform
 # bound: 300 lines of random words from toyworld-small's vocabulary give a clean CE of 8.78 against
-# ln 265 = 5.58 (tests/test_sparse_data.py trains on exactly that and expects the flag).
+# ln 265 = 5.58 (tests/jobs/test_sparse.py trains on exactly that and expects the flag).
 MAX_MEANINGFUL_SCORE = 1.02
 
 

@@ -20,7 +20,7 @@ from .build import (
     load_world,
     resolve_model_path,
     world_dir,
-    world_of,
+    world_for,
 )
 from .knowledge import ESSENCE_TEMPLATE, Fact, KnowledgeBase, Relation
 from .spec import (
@@ -40,5 +40,5 @@ __all__ = [
     "CACHE_ENV", "ESSENCE_TEMPLATE", "FORMAT_VERSION", "SPECS", "WORLD_NAMES", "ByteLevelBPE", "CompanyShape",
     "Fact", "GPT2Shape", "KnowledgeBase", "ModelShape", "Relation", "TrainRecipe", "WordLevelTokenizer", "World",
     "WorldBuildError", "WorldShape", "WorldSpec",
-    "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_of",
+    "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_for",
 ]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from lightning_edit.constants import WORLD_ACCURACY, WORLD_COUNTERFACT, WORLD_CORPUS, WORLD_JSON, WORLD_MC_DIR, WORLD_ZSRE
+
 from .knowledge import KnowledgeBase
 from .spec import FORMAT_VERSION, SPECS, WorldSpec
 
@@ -49,7 +51,7 @@ def world_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> 
 
 
 def _is_built(root: Path) -> bool:
-    return (root / "accuracy.json").is_file()  # written last; the folder only appears when complete
+    return (root / WORLD_ACCURACY).is_file()  # written last; the folder only appears when complete
 
 
 @dataclass
@@ -65,8 +67,13 @@ class World:
         root = Path(root)
         if not _is_built(root):
             raise FileNotFoundError(f"{root} is not a built world (no accuracy.json)")
-        kb = KnowledgeBase.from_json(json.loads((root / "world.json").read_text()))
-        return cls(root=root, kb=kb, accuracy=json.loads((root / "accuracy.json").read_text()))
+        kb = KnowledgeBase.from_json(json.loads((root / WORLD_JSON).read_text()))
+        return cls(root=root, kb=kb, accuracy=json.loads((root / WORLD_ACCURACY).read_text()))
+
+    @property
+    def name(self) -> str:
+        """The world's name (`toyworld` for a folder `toyworld-seed0-v1`)."""
+        return self.root.name.split("-seed")[0]
 
     @property
     def model_dir(self) -> Path:
@@ -78,19 +85,19 @@ class World:
 
     @property
     def corpus_path(self) -> Path:
-        return self.data_dir / "corpus.txt"
+        return self.data_dir / WORLD_CORPUS
 
     @property
     def zsre_path(self) -> Path:
-        return self.data_dir / "zsre.json"
+        return self.data_dir / WORLD_ZSRE
 
     @property
     def counterfact_path(self) -> Path:
-        return self.data_dir / "counterfact.json"
+        return self.data_dir / WORLD_COUNTERFACT
 
     @property
     def mc_dir(self) -> Path:
-        return self.data_dir / "mc"
+        return self.data_dir / WORLD_MC_DIR
 
     def load_model(self, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -117,7 +124,7 @@ def _build_into(out: Path, final: Path, name: str, seed: int, progress: bool) ->
     spec = _spec(name)
     start = time.perf_counter()
     kb = spec.world.generate(seed)
-    (out / "world.json").write_text(json.dumps(kb.to_json(), indent=1, ensure_ascii=False) + "\n")
+    (out / WORLD_JSON).write_text(json.dumps(kb.to_json(), indent=1, ensure_ascii=False) + "\n")
     export_datasets(kb, out / "data", seed, final_data_dir=final / "data")
 
     tokenizer = spec.tokenizer.train(kb, corpus_sentences(kb, seed), model_max_length=spec.model.max_length)
@@ -164,7 +171,7 @@ def _build_into(out: Path, final: Path, name: str, seed: int, progress: bool) ->
         "model": asdict(spec.model),
         "train": asdict(spec.train),
     }
-    (out / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / WORLD_ACCURACY).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -236,13 +243,12 @@ def resolve_model_path(name: str, seed: int = 0, cache_dir: str | Path | None = 
     return load_world(name, seed, cache_dir).model_dir
 
 
-def world_of(model) -> "World | None":
-    """The embedded world `model` was loaded from (its folder is `<world.root>/model`), else None."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
+def world_for(model_name: str | Path | None) -> "World | None":
+    """The embedded world a `model.name` means: a world name (built on first use), or the model folder
+    of a built world (`<world.root>/model`); None for any other model."""
+    if not model_name:
         return None
-    root = Path(name).parent
-    try:
-        return World.open(root) if (root / "world.json").is_file() else None
-    except FileNotFoundError:
-        return None
+    if str(model_name) in WORLD_NAMES:
+        return load_world(str(model_name))
+    root = Path(model_name).parent
+    return World.open(root) if _is_built(root) and (root / WORLD_JSON).is_file() else None

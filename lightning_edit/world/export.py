@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_edit.constants import WORLD_CORPUS, WORLD_COUNTERFACT, WORLD_MC_DIR, WORLD_ZSRE
+
 from .knowledge import Fact, KnowledgeBase
 
 MC_TASK = "toyworld_mc"
@@ -157,14 +159,14 @@ def export_datasets(kb: KnowledgeBase, data_dir: Path, seed: int, final_data_dir
     its JSONL by that absolute path (lm-eval resolves data files from the working directory).
     """
     data_dir = Path(data_dir)
-    (data_dir / "mc").mkdir(parents=True, exist_ok=True)
+    (data_dir / WORLD_MC_DIR).mkdir(parents=True, exist_ok=True)
     rewrites = plan_rewrites(kb, seed)
-    _write_json(data_dir / "zsre.json", zsre_records(kb, rewrites, seed))
-    _write_json(data_dir / "counterfact.json", counterfact_records(kb, rewrites, seed))
+    _write_json(data_dir / WORLD_ZSRE, zsre_records(kb, rewrites, seed))
+    _write_json(data_dir / WORLD_COUNTERFACT, counterfact_records(kb, rewrites, seed))
     lines = corpus_sentences(kb, seed)
-    (data_dir / "corpus.txt").write_text("\n".join(lines) + "\n")
+    (data_dir / WORLD_CORPUS).write_text("\n".join(lines) + "\n")
     (data_dir / "corpus.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in lines))
     mc = mc_records(kb, seed)
-    (data_dir / "mc" / f"{MC_TASK}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
-    jsonl = Path(final_data_dir or data_dir).resolve() / "mc" / f"{MC_TASK}.jsonl"
-    (data_dir / "mc" / f"{MC_TASK}.yaml").write_text(mc_task_yaml(jsonl))
+    (data_dir / WORLD_MC_DIR / f"{MC_TASK}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    jsonl = Path(final_data_dir or data_dir).resolve() / WORLD_MC_DIR / f"{MC_TASK}.jsonl"
+    (data_dir / WORLD_MC_DIR / f"{MC_TASK}.yaml").write_text(mc_task_yaml(jsonl))

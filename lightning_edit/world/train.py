@@ -38,8 +38,7 @@ def encode_rows(tokenizer: PreTrainedTokenizerFast, rows: list[tuple[str, str | 
     metrics find a target (`target_positions`: the tokens of `prompt + " " + object` beyond the
     prompt's own), so a world's accuracy is the metrics' teacher-forced exact match.
     """
-    from lightning_edit.locate.positions import pad_id, right_padded
-    from lightning_edit.metrics.edit_metrics import target_positions
+    from lightning_edit.tokens import pad_id, right_padded, target_positions
 
     sequences, spans = [], []
     for prompt, obj, text in rows:

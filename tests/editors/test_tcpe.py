@@ -1,0 +1,48 @@
+"""TCPE on the test-size world: one edit flips its target and changes only the active decoder rows;
+the lim cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_edit.data import read_edits
+
+from tests.helpers import HOOKPOINT, flipped, make_tcpe, snapshot
+
+
+
+
+@pytest.fixture(scope="module")
+def records(small_world):
+    return read_edits(small_world.counterfact_path)[:4]
+
+
+def test_tcpe_flips_and_changes_only_the_active_decoder_rows(small_world, small_transcoder, small_corpus, records,
+                                                             stats_dir):
+    editor = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir)
+    record = records[0]
+    assert not flipped(editor, record)
+    lm_before, coder_before = snapshot(editor.model), snapshot(editor.coder)
+    active = editor.support(editor.key(record.prompt, record.subject)).tolist()  # S_j before the edit
+    entry = editor.apply([record])[0]
+    assert flipped(editor, record)
+    assert entry.changed == {f"{HOOKPOINT}.W_dec": active} and len(active) == editor.coder.cfg.k
+    changed = (editor.coder.W_dec != coder_before["W_dec"]).any(dim=1).nonzero().flatten().tolist()
+    assert set(changed) <= set(active)
+    others = torch.ones(editor.coder.num_latents, dtype=torch.bool)
+    others[active] = False
+    assert torch.equal(editor.coder.W_dec[others], coder_before["W_dec"][others])  # bit-identical
+    for name, tensor in snapshot(editor.coder).items():  # encoder, b_dec: untouched
+        if name != "W_dec":
+            assert torch.equal(tensor, coder_before[name]), name
+    for name, tensor in snapshot(editor.model).items():  # the LM itself is never written
+        assert torch.equal(tensor, lm_before[name]), name
+    assert editor.adapter.mlp(0) is not editor.splice  # the splice is only in place inside edited()
+
+
+def test_tcpe_lim_caps_the_support_and_still_flips(small_world, small_transcoder, small_corpus, records, stats_dir):
+    editor = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, lim=4)
+    entry = editor.apply([records[1]])[0]
+    assert len(entry.changed[f"{HOOKPOINT}.W_dec"]) == 4
+    assert flipped(editor, records[1])

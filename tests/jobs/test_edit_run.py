@@ -1,0 +1,54 @@
+"""An edit run's parts, built once (lightning_edit.jobs.edit_run): what `run edit`, `calibrate` and the
+bench scripts share."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_edit.config import load_config
+from lightning_edit.editors.state import base_fingerprint
+from lightning_edit.jobs import edit as edit_job
+from lightning_edit.jobs.edit_run import build_edit_run, check_edit_config, read_corpus
+from lightning_edit.world import world_for
+
+
+def ft_config(*overrides: str):
+    return load_config(edit_job.SCHEMA, ["config=baselines/ft.yaml", "model.name=toyworld-small", "data.limit=4",
+                                         *overrides])
+
+
+def test_build_edit_run_gives_the_stream_model_corpus_and_a_prepared_editor(small_world, small_corpus):
+    run = build_edit_run(ft_config())
+    assert run.method == "ft" and len(run.stream.records) == 4 and run.stream.path == small_world.counterfact_path
+    assert run.world.root == small_world.root and run.corpus == small_corpus
+    assert run.editor.model is run.model and run.editor.ledger == []
+    assert run.editor.ctx.model_name == "toyworld-small"
+    assert run.editor.ctx.base_fingerprint == base_fingerprint(run.model)
+    # Another editor over a fresh copy edits that copy only.
+    before = copy.deepcopy(run.model.state_dict())
+    fresh = run.new_editor(copy.deepcopy(run.model))
+    fresh.apply([run.stream.records[0]])
+    assert len(fresh.ledger) == 1 and run.editor.ledger == []
+    assert all(torch.equal(t, before[k]) for k, t in run.model.state_dict().items())
+
+
+def test_the_config_is_checked_before_anything_is_loaded():
+    with pytest.raises(KeyError, match="unknown editing method 'nope'"):
+        check_edit_config(ft_config("editor.method=nope"))
+    with pytest.raises(ValueError, match=r"editor\.lrr"):
+        check_edit_config(ft_config("editor.lrr=1"))
+    with pytest.raises(ValueError, match="editor 'rome' edits one record at a time; data.batch_size must be 1"):
+        check_edit_config(load_config(edit_job.SCHEMA, ["config=baselines/rome.yaml", "data.batch_size=2"]))
+    assert check_edit_config(ft_config("data.batch_size=2")).name == "ft"  # FT-M edits batches
+
+
+def test_the_world_and_corpus_come_from_the_model_name(small_world, small_corpus, tmp_path):
+    assert world_for("toyworld-small").root == small_world.root
+    assert world_for(str(small_world.model_dir)).root == small_world.root  # model.name=<world>/model
+    assert world_for("meta-llama/Meta-Llama-3-8B") is None and world_for(None) is None
+    assert read_corpus(None, small_world) == small_corpus and read_corpus(None, None) is None
+    (tmp_path / "c.txt").write_text("one\n\n two \n")
+    assert read_corpus(tmp_path / "c.txt", small_world) == ["one", " two "]  # data.corpus wins; blank lines go

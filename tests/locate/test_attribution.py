@@ -1,0 +1,50 @@
+"""Attribution (lightning_edit.locate.attribution): Input x Gradient, Integrated Gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_edit.locate import Site, activations, input_x_gradient, integrated_gradients, patched_objective
+from lightning_edit.models import ModelAdapter
+
+from tests.locate.helpers import make_llama
+
+
+def test_input_x_gradient_matches_finite_differences(tok):
+    model = make_llama(len(tok)).double()
+    adapter = ModelAdapter(model)
+    prompt, target, layer = "the capital of france is", "paris", 0
+    signed = input_x_gradient(model, tok, adapter, layer, prompt, target, signed=True)
+    a = activations(model, tok, adapter, layer, [prompt])[0].double()
+    eps = 1e-3  # Llama's RMSNorm computes in float32 even in a float64 model: not smaller
+    for m in [0, 7, 31, 63]:
+        bump = torch.zeros_like(a)
+        bump[m] = eps
+        up, down = patched_objective(model, tok, adapter, layer, prompt, target, torch.stack([a + bump, a - bump]),
+                                     objective="logit")
+        fd = a[m] * (up - down) / (2 * eps)
+        assert signed[m].item() == pytest.approx(fd.item(), rel=1e-3, abs=1e-7)
+    absolute = input_x_gradient(model, tok, adapter, layer, prompt, target)
+    torch.testing.assert_close(absolute, signed.abs())
+
+
+def test_integrated_gradients_completeness(trained, tok):
+    adapter = ModelAdapter(trained)
+    prompt, target, layer = "the capital of x y is", "city", 1
+    attr = integrated_gradients(trained, tok, adapter, layer, prompt, target, steps=50)
+    a = activations(trained, tok, adapter, layer, [prompt])
+    full, base = patched_objective(trained, tok, adapter, layer, prompt, target, torch.cat([a, torch.zeros_like(a)]))
+    gap = (full - base).item()
+    assert abs(gap) > 0.1  # the check means something
+    assert attr.sum().item() == pytest.approx(gap, rel=1e-2, abs=1e-3)
+    chunked = integrated_gradients(trained, tok, adapter, layer, prompt, target, steps=50, batch_size=7)
+    torch.testing.assert_close(chunked, attr, atol=1e-5, rtol=1e-4)
+
+
+def test_attribution_at_subject_position_and_output_site(llama, tok):
+    adapter = ModelAdapter(llama)
+    prompt = "x y z lives in"
+    attr = integrated_gradients(llama, tok, adapter, 0, prompt, "london", steps=8, position="subject_last",
+                                subject="x y z", site=Site(adapter.mlp_name(0), "output"))
+    assert attr.shape == (32,) and attr.abs().sum() > 0

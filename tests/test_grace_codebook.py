@@ -1,6 +1,6 @@
 """GRACE's codebook over a stream that adds, expands, splits and conflicts: afterwards the lookup
 routes every edit's own prompt to the entry that holds its value, and its target is the argmax.
-Self-contained (its own fixtures) so it can move with the GRACE tests."""
+Uses only conftest's shared fixtures, so it can move with the GRACE tests."""
 
 from __future__ import annotations
 
@@ -20,13 +20,7 @@ from lightning_edit.models import ModelAdapter, load_model
 # ball and neighbours with another target split one.
 GRACE = {"layer": -1, "eps": 0.5, "val_init": "warm", "stop_nll": 0.05}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

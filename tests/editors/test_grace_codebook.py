@@ -11,9 +11,11 @@ import torch
 
 from lightning_edit.data import EditRecord, read_edits
 from lightning_edit.editors.grace import Grace
-from lightning_edit.editors.state import build_editor, load_edited, save_edit_state
-from lightning_edit.metrics import target_positions, teacher_forced
-from lightning_edit.models import ModelAdapter, load_model
+from lightning_edit.editors.state import save_edit_state
+from lightning_edit.jobs.edit_run import load_edited, new_editor as build_editor
+from lightning_edit.metrics import teacher_forced
+from lightning_edit.tokens import target_positions
+from lightning_edit.models import ModelAdapter
 
 # eps is size-dependent: on the small world's last layer an edit's rephrases sit within 0.56 of its key
 # (90% quantile) and its neighbours beyond 0.73 (10% quantile), so rephrases are covered or expand a
@@ -21,11 +23,6 @@ from lightning_edit.models import ModelAdapter, load_model
 GRACE = {"layer": -1, "eps": 0.5, "val_init": "warm", "stop_nll": 0.05}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def world_model(small_world):
-    return load_model(str(small_world.model_dir))
 
 
 def new_editor(world, world_model, **params) -> Grace:

@@ -1,6 +1,6 @@
 """GRACE's codebook over a stream that adds, expands, splits and conflicts: afterwards the lookup
 routes every edit's own prompt to the entry that holds its value, and its target is the argmax.
-Uses only conftest's shared fixtures, so it can move with the GRACE tests."""
+Uses the editor tests' shared fixtures."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from lightning_edit.models import ModelAdapter
 # ball and neighbours with another target split one.
 GRACE = {"layer": -1, "eps": 0.5, "val_init": "warm", "stop_nll": 0.05}
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def new_editor(world, world_model, **params) -> Grace:

@@ -1,7 +1,7 @@
 """SAELens 6 checkpoints: every forward option of a top-k SAE folded exactly, the rest refused.
 
 The reference below is SAELens 6's inference forward written out from its source, so these tests
-need no SAELens install; the last test checks against SAELens itself when it is installed.
+need no SAELens install; `bench/saelens_check.py` checks against SAELens itself where it is installed.
 """
 
 from __future__ import annotations
@@ -159,28 +159,3 @@ def test_unsupported_options_are_one_clear_line(tmp_path, cfg_extra, scaler, mes
         load_sparse_coder(tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
-
-def test_against_saelens_itself(tmp_path):
-    """Optional (needs `pip install sae-lens`): SAELens' own TopKTrainingSAE, saved as a training
-    checkpoint (unfolded, rescale flag on) and as its inference export (folded), loads and
-    reconstructs as SAELens does."""
-    sae_lens = pytest.importorskip("sae_lens")
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-
-    torch.manual_seed(0)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K))
-    assert sae.cfg.rescale_acts_by_decoder_norm  # SAELens 6's default for top-k training
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.linspace(0.05, 3.0, N).unsqueeze(1))
-        sae.b_dec.normal_()
-        sae.b_enc.normal_(std=0.1)
-    x = inputs()
-    with torch.no_grad():
-        expected = sae.decode(sae.encode(x))
-    sae.save_model(tmp_path / "checkpoint")
-    sae.save_inference_model(tmp_path / "inference")
-    for folder in ("checkpoint", "inference"):
-        cfg = json.loads((tmp_path / folder / "cfg.json").read_text())
-        assert cfg["rescale_acts_by_decoder_norm"] is True, (folder, sae_lens.__version__)
-        coder = load_sparse_coder(tmp_path / folder)
-        torch.testing.assert_close(coder.reconstruct(x), expected, rtol=1e-4, atol=1e-4)

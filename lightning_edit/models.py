@@ -6,10 +6,15 @@ shaped like a decoder-only transformer works without touching this file.
 
 Hookpoints are module names relative to ``ModelAdapter.base_model`` (the module that owns the layer
 list), the convention of EleutherAI/sparsify: ``"layers.3.mlp"`` for Llama, ``"h.3.mlp"`` for GPT-2.
+Configs name them relative to the model's depth (`ModelAdapter.resolve_hookpoint`): ``layers.-1``,
+``layers.50%.mlp`` resolve to ``layers.3`` / ``h.3.mlp`` on a 4- / 6-layer model, and editors'
+`layer` / `layers` values are resolved the same way (`ModelAdapter.resolve_layer`); the absolute
+value is what runs record.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -36,6 +41,28 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 HOOK_KINDS = ("forward", "forward_pre")
+LAYER_NOTATION = ("expected a layer index (negative counts from the last layer, -1 = the last) or a "
+                  "percentage of depth such as 50% (0% = the first layer, 100% = the last)")
+HOOKPOINT_NOTATION = "layers.<layer>[.mlp], e.g. layers.2, layers.-1, layers.50%.mlp"
+
+
+def parse_layer(spec: int | str, key: str = "layer") -> int | float:
+    """The layer notation without a model: an index (int; negative counts from the last layer) or a
+    fraction of depth in [0, 1] (float, from "P%"); a ValueError naming `key` for anything else."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise ValueError(f"{key} is {spec!r}; {LAYER_NOTATION}")
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100.0
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"{key} is {spec!r}; a percentage of depth lies in 0%..100%")
+            return fraction
+        return int(text)
+    except ValueError as exc:
+        if str(exc).startswith(key):
+            raise
+        raise ValueError(f"{key} is {spec!r}; {LAYER_NOTATION}") from None
 
 
 def load_model(
@@ -317,10 +344,60 @@ class ModelAdapter:
         """Every module name under base_model, in registration order."""
         return [name for name, _ in self.base_model.named_modules() if name]
 
+    def resolve_layer(self, spec: int | str, key: str = "layer") -> int:
+        """A layer given relative to this model's depth as its absolute index in 0..n-1 (LAYER_NOTATION):
+        an int (negative counts from the last layer: -1 is the last) or a percentage of depth "P%"
+        (0% the first layer, 100% the last, nearest layer, halves rounded up). A ValueError naming
+        `key` when the model has no such layer or the value is neither."""
+        n = self.num_layers
+        index = parse_layer(spec, key)
+        if isinstance(index, float):
+            return int(math.floor(index * (n - 1) + 0.5))
+        if not -n <= index < n:
+            raise ValueError(f"{key} is {spec!r}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        return index % n
+
+    def resolve_layers(self, specs: list[int | str], key: str = "layers") -> list[int]:
+        """`resolve_layer` for each of `specs`, in order (duplicates kept)."""
+        return [self.resolve_layer(spec, f"{key}[{i}]") for i, spec in enumerate(specs)]
+
+    def resolve_hookpoint(self, spec: str, key: str = "hookpoint") -> str:
+        """A hookpoint in the depth-relative notation (HOOKPOINT_NOTATION) as this model's module name:
+        `layers.<layer>[.mlp][.rest]` -> e.g. "layers.2", "h.4.mlp" (`layers` stands for the decoder
+        layer list whatever the model calls it, `mlp` for its MLP child, `<layer>` as in
+        `resolve_layer`); any other name is returned as it is. The module must exist."""
+        name = self._canonical(spec, key)
+        if "*" not in name and "?" not in name and "[" not in name:
+            self.module(name)
+        return name
+
+    def _canonical(self, spec: str, key: str) -> str:
+        parts = str(spec).split(".")
+        if len(parts) < 2 or parts[0] not in ("layers", self.layers_name):
+            return str(spec)
+        if parts[0] == "layers" and self.layers_name != "layers" and hasattr(self.base_model, "layers"):
+            return str(spec)  # the model has a module of that name that is not its layer list
+        segment, rest = parts[1], parts[2:]
+        if any(c in segment for c in "*?["):
+            index = None
+        else:
+            # a percentage's own dot ("12.5%") spans two segments
+            if rest and rest[0].endswith("%") and segment.isdigit():
+                segment, rest = f"{segment}.{rest[0]}", rest[1:]
+            index = self.resolve_layer(segment, f"the layer of {key} {spec!r}")
+            segment = str(index)
+        if rest and rest[0] == "mlp":
+            layer = self.layers[index if index is not None else 0]
+            if not hasattr(layer, "mlp") and not isinstance(self._mlp_paths[index or 0], str):
+                rest = [self._mlp_paths[index or 0][0], *rest[1:]]
+        return ".".join([self.layers_name, segment, *rest])
+
     def resolve_hookpoints(self, spec: str | list[str]) -> list[str]:
-        """Expand names or glob patterns ("layers.*.mlp", "h.*"; ``*`` within one dotted segment) to
+        """Expand names or glob patterns ("layers.*.mlp", "h.*"; ``*`` within one dotted segment), each
+        in the depth-relative notation of `resolve_hookpoint` ("layers.-1", "layers.50%.mlp"), to
         hookpoint names in model order; every pattern must match something."""
         patterns = [spec] if isinstance(spec, str) else list(spec)
+        patterns = [self._canonical(p, "hookpoint") for p in patterns]
         names = self.hookpoint_names()
         for pattern in patterns:
             if not any(_match(pattern, name) for name in names):

@@ -83,3 +83,56 @@ def test_a_typo_in_a_config_fails(tmp_path, typo, message):
     path.write_text(typo)
     with pytest.raises((ConfigError, ValueError), match=message.replace(".", r"\.")):
         compose(path)
+
+
+# The layers every shipped config resolves to: on the default world's depth (4) exactly the ones
+# measured and commented in the configs, and on toyworld-gpt2's (6, GPT-2 names).
+SHIPPED_LAYERS = {
+    "sae.yaml": ("hookpoints", ["layers.2"], ["h.4"]),
+    "transcoder.yaml": ("hookpoints", ["layers.0.mlp"], ["h.0.mlp"]),
+    "microedit.yaml": ("component.hookpoint", "layers.2", "h.4"),
+    "tcpe.yaml": ("component.hookpoint", "layers.1.mlp", "h.1.mlp"),
+    "pnke.yaml": ("editor.layer", 1, 1),
+    "baselines/rome.yaml": ("editor.layer", 0, 0),
+    "baselines/memit.yaml": ("editor.layers", [0, 1, 2], [0, 2, 3]),
+    "baselines/alphaedit.yaml": ("editor.layers", [0, 1, 2], [0, 2, 3]),
+    "baselines/wise.yaml": ("editor.layer", 1, 1),
+    "baselines/grace.yaml": ("editor.layer", 3, 5),
+    "baselines/ft.yaml": ("editor.layer", 3, 5),
+}
+
+
+def _adapter(arch: str, n_layers: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lightning_edit.models import ModelAdapter
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        return ModelAdapter(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=n_layers, num_attention_heads=2)))
+    return ModelAdapter(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_inner=32, n_layer=n_layers,
+                                                   n_head=2, n_positions=16)))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_LAYERS))
+def test_shipped_layers_resolve_by_depth(name):
+    key, on_four, on_six = SHIPPED_LAYERS[name]
+    value = OmegaConf.to_container(OmegaConf.load(CONFIGS / name), resolve=True)
+    for part in key.split("."):
+        value = value[part]
+    for adapter, expected in ((_adapter("llama", 4), on_four), (_adapter("gpt2", 6), on_six)):
+        if key == "hookpoints":
+            got = adapter.resolve_hookpoints(value)
+        elif key.endswith("hookpoint"):
+            got = adapter.resolve_hookpoint(value)
+        elif key.endswith("layers"):
+            got = adapter.resolve_layers(value)
+        else:
+            got = adapter.resolve_layer(value)
+        assert got == expected, f"{name} {key}={value!r} on {adapter.num_layers} layers"
+    if name == "pnke.yaml":  # its transcoder must sit at the edited layer's MLP
+        adapter = _adapter("llama", 4)
+        hookpoint = OmegaConf.load(CONFIGS / name).component.hookpoint
+        assert adapter.resolve_hookpoint(hookpoint) == adapter.mlp_name(adapter.resolve_layer(value))

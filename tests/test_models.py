@@ -136,6 +136,28 @@ def test_resolve_hookpoints(adapter: ModelAdapter) -> None:
     assert adapter.hookpoint_io_dims(adapter.down_proj_name(0)) == (D_FF, HIDDEN)
 
 
+def test_depth_relative_notation(adapter: ModelAdapter) -> None:
+    """`layers.<layer>` names the decoder layers whatever the model calls them; <layer> is an index,
+    negative from the last, or a percentage of depth (nearest layer, 0% the first, 100% the last)."""
+    layers, last = adapter.layers_name, LAYERS - 1
+    assert adapter.resolve_hookpoint("layers.-1") == f"{layers}.{last}"
+    assert adapter.resolve_hookpoint("layers.0.mlp") == adapter.mlp_name(0)
+    assert adapter.resolve_hookpoint("layers.50%.mlp") == adapter.mlp_name(1)  # 0.5 * 2 = 1
+    assert adapter.resolve_hookpoint("layers.100%") == f"{layers}.{last}"
+    assert adapter.resolve_hookpoint("layers.12.5%") == f"{layers}.0"  # 0.125 * 2 = 0.25 -> 0
+    assert adapter.resolve_hookpoint(f"{layers}.-3.mlp") == adapter.mlp_name(0)
+    assert adapter.resolve_hookpoint(adapter.down_proj_name(1)) == adapter.down_proj_name(1)
+    assert adapter.resolve_hookpoints(["layers.*.mlp"]) == [adapter.mlp_name(i) for i in range(LAYERS)]
+    assert adapter.resolve_hookpoints(["layers.-1", "layers.0%"]) == [f"{layers}.0", f"{layers}.{last}"]
+    assert adapter.resolve_layers([0, -1, "25%", "75%", "-2", "1"]) == [0, last, 1, 2, 1, 1]  # 75%: 1.5 -> 2
+    for bad, message in [("layers.3", "has 3 layers"), ("layers.101%", r"0%\.\.100%"),
+                         ("layers.x", "percentage of depth"), ("layers.1.nope", "no module")]:
+        with pytest.raises(ValueError, match=message):
+            adapter.resolve_hookpoint(bad)
+    with pytest.raises(ValueError, match=r"editor\.layer is True"):
+        adapter.resolve_layer(True, "editor.layer")
+
+
 def test_hooks_change_logits_and_are_removed(adapter: ModelAdapter) -> None:
     before = logits(adapter)
     hookpoint = f"{adapter.layers_name}.1"

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lightning_edit.editors.base import Layer
 from lightning_edit.editors.memit import MEMIT, MultiLayerConfig
 from lightning_edit.locate import editing_second_moment
 
@@ -37,7 +38,7 @@ class AlphaEditConfig(MultiLayerConfig):
     (`hparams/AlphaEdit/Llama3-8B.json` of the reference code). Size-dependent values for the embedded
     world are in configs/baselines/alphaedit.yaml."""
 
-    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    layers: list[Layer] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     """The edited layers, in increasing order (Llama3-8B: 4-8 of 32, as MEMIT); negative counts from
     the last layer. Size-dependent: set it per model."""
     v_lr: float = 0.1

@@ -15,17 +15,21 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, ContextManager, Iterator, Mapping, Sequence, Union
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from lightning_edit.models import model_device
+from lightning_edit.models import model_device, parse_layer
 from lightning_edit.sparse.resolve import KIND_NAMES
 from lightning_edit.tokens import padding_side
 
+
+Layer = Union[int, str]
+"""A layer in an editor's config: an index (negative counts from the last layer) or a percentage of
+the model's depth ("50%"), resolved by `ModelAdapter.resolve_layer`; states record the index."""
 
 @dataclass
 class LedgerEntry:
@@ -150,7 +154,15 @@ class Editor(ABC):
             valid = ", ".join(f.name for f in dataclasses.fields(cls.config_class))
             key = getattr(exc, "full_key", None) or "?"
             raise ValueError(f"editor.{key}: {str(exc).splitlines()[0]} (editor '{cls.name}' keys: {valid})") from exc
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
+        for key in ("layer", "layers"):  # the notation is checked here, the depth once there is a model
+            value = getattr(cfg, key, None)
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    parse_layer(item, f"editor.{key}[{i}]")
+            elif value is not None:
+                parse_layer(value, f"editor.{key}")
+        return cfg
 
     @classmethod
     def component_request(cls, cfg: Any, component_cfg: Mapping[str, Any], adapter: Any) -> ComponentRequest | None:
@@ -214,13 +226,11 @@ class Editor(ABC):
         return None
 
     # Helpers shared by subclasses -------------------------------------------------------------
-    def resolve_layer(self, value: int, key: str = "editor.layer", verb: str = "is") -> int:
-        """`value` as a layer index in 0..n-1 (negative counts from the last layer); a ValueError
-        naming `key` when the model has no such layer."""
-        n = self.adapter.num_layers
-        if not -n <= value < n:
-            raise ValueError(f"{key} {verb} {value}; the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        return value % n
+    def resolve_layer(self, value: Layer, key: str = "editor.layer") -> int:
+        """`value` (an index, negative from the last layer, or a percentage of depth "50%") as a layer
+        index in 0..n-1 (`ModelAdapter.resolve_layer`); a ValueError naming `key` when the model has
+        no such layer."""
+        return self.adapter.resolve_layer(value, key)
 
     def check_state_for(self, state: dict[str, Any], key: str, mine: Any, what: str) -> None:
         """A ValueError when a saved edit state was made for another `key` (its hookpoint, its edited

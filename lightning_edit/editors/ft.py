@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.tokens import target_positions
 
@@ -24,7 +24,7 @@ from lightning_edit.tokens import target_positions
 class FTConfig:
     """FT-M hyperparameters."""
 
-    layer: int = -1
+    layer: Layer = -1
     """Layer whose MLP down projection is fine-tuned; negative counts from the last layer
     (EasyEdit fine-tunes layer 21 of Llama-2-7B's 32)."""
     lr: float = 5e-4
@@ -48,6 +48,7 @@ class FineTune(Editor):
 
     def setup(self) -> None:
         self.layer = self.resolve_layer(self.cfg.layer)
+        self.cfg.layer = self.layer  # states record the absolute layer
         self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model (a hookpoint + .weight)."""
         freeze(self.model)  # only the edited weight ever gets a gradient

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry, greedy_generate
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry, greedy_generate
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.tokens import target_positions
 
@@ -76,7 +76,7 @@ class GraceConfig:
     """GRACE hyperparameters; defaults are the paper's (GRACE repo config/editor/grace.yaml and
     EasyEdit's hparams/GRACE)."""
 
-    layer: int = -1
+    layer: Layer = -1
     """Layer whose MLP down projection carries the codebook; negative counts from the last layer
     (EasyEdit: layer 27 of Llama-2-7B's 32, i.e. about 85% of the depth)."""
     eps: float = 1.0
@@ -120,6 +120,7 @@ class Grace(Editor):
 
     def setup(self) -> None:
         self.layer = self.resolve_layer(self.cfg.layer)
+        self.cfg.layer = self.layer  # states record the absolute layer
         self.hookpoint = self.adapter.down_proj_name(self.layer)  # the codebook replaces this module's output
         cfg, adapter = self.cfg, self.adapter
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size

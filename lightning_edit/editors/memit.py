@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.locate import activations, compute_value, context_keys, editing_second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
@@ -37,7 +37,7 @@ class MultiLayerConfig(ValueSolverFields):
     the last edited layer's output. Defaults are MEMIT's GPT-J settings (`hparams/MEMIT/EleutherAI_gpt-j-6B.json`
     of the reference code); each method's config overrides those its paper sets otherwise."""
 
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    layers: list[Layer] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     """The edited layers, in increasing order (GPT-J: 3-8 of 28, the causal-tracing peak, Sec. 4.1);
     negative counts from the last layer. Size-dependent: set it per model."""
     mom2_n_samples: int | None = 100000
@@ -75,12 +75,10 @@ class MEMIT(Editor):
 
     def setup(self) -> None:
         cfg, adapter = self.cfg, self.adapter
-        n = adapter.num_layers
-        bad = [layer for layer in cfg.layers if not -n <= layer < n]
-        if not cfg.layers or bad:
-            raise ValueError(f"editor.layers is {cfg.layers}; expected a non-empty list of layers of a model "
-                             f"with {n} (0..{n - 1}, or -1..-{n})")
-        self.layers = sorted({layer % n for layer in cfg.layers})
+        if not cfg.layers:
+            raise ValueError("editor.layers is empty; expected a non-empty list of layers")
+        self.layers = sorted(set(adapter.resolve_layers(cfg.layers, "editor.layers")))
+        cfg.layers = list(self.layers)  # states record the absolute layers
         self.param_names = [adapter.down_proj_name(layer) + ".weight" for layer in self.layers]
         """Names of the edited parameters relative to the adapter's base model, one per layer."""
         self.solver = cfg.value_solver(value_site="layer_output", key_site=None)

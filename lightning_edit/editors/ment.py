@@ -54,7 +54,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.locate import activations, input_x_gradient
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
@@ -86,7 +86,7 @@ class MENTConfig:
     candidates: int = 10
     """Top-scored neurons simulated by the planner (the paper takes "the top critical neurons"
     without a number; we take as many as the quota)."""
-    layers: list[int] | None = None
+    layers: list[Layer] | None = None
     """FFN layers searched (negative counts from the end); None = all (the paper locates over all)."""
     undo_final_norm: bool = False
     """Map r_o back through the final norm (divide by its gain, times the residual's RMS at the
@@ -198,7 +198,8 @@ class MENT(Editor):
     def setup(self) -> None:
         cfg = self.cfg
         layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
-        self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
+        self.layers = sorted(set(self.adapter.resolve_layers(layers, "editor.layers")))
+        cfg.layers = list(self.layers)  # states record the absolute layers
         self.patches: list[Patch] = []
         self._pinv: Tensor | None = None  # [d_model, vocab], computed on first use
         freeze(self.model)

@@ -182,6 +182,7 @@ class MicroEdit(HeldRouting, Editor):
         if hookpoint is None:
             raise ValueError("MicroEdit: no hookpoint (set editor.hookpoint, or component.hookpoint for the job "
                              "to record on the SAE it loads)")
+        hookpoint = self.adapter.resolve_hookpoint(hookpoint, "editor.hookpoint")
         cfg.hookpoint = hookpoint
         self.sae = sae
         self.hookpoint = hookpoint

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import ComponentRequest, Editor, LedgerEntry
+from lightning_edit.editors.base import ComponentRequest, Editor, Layer, LedgerEntry
 from lightning_edit.locate import (
     Site,
     activations,
@@ -58,7 +58,7 @@ class PNKEConfig(ValueSolverFields):
     """PNKE's hyperparameters: the paper's (App. B, Alg. 4) where it gives them; ROME's for the value
     solver. Size-dependent values for the embedded world are in configs/pnke.yaml."""
 
-    layer: int = 5
+    layer: Layer = 5
     """The edited layer (negative counts from the last). The paper does not name it; 5 is ROME's and
     AlphaEdit's Llama-3-8B choice. Size-dependent."""
     site: str = "ffn"
@@ -167,12 +167,13 @@ class PNKE(Editor):
         (no default is trained for PNKE; TCPE's cache under `<world>/transcoder/` holds one)."""
         if cfg.site != "transcoder":
             return None
-        return ComponentRequest("transcoder", adapter.mlp_name(cfg.layer % adapter.num_layers),
+        return ComponentRequest("transcoder", adapter.mlp_name(adapter.resolve_layer(cfg.layer, "editor.layer")),
                                 "PNKE (editor.site=transcoder)", trains_default=False)
 
     def setup(self) -> None:
         cfg, adapter, component = self.cfg, self.adapter, self.component
         self.layer = self.resolve_layer(cfg.layer)
+        cfg.layer = self.layer  # states record the absolute layer
         freeze(self.model)
         self.coder = None
         self.splice = None

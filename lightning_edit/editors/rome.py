@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_edit.editors.base import Editor, LedgerEntry, solved_edit_fields
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry, solved_edit_fields
 from lightning_edit.locate import compute_value, editing_second_moment
 from lightning_edit.locate.value_solver import ValueSolverFields
 from lightning_edit.metrics import teacher_forced
@@ -35,7 +35,7 @@ class ROMEConfig(ValueSolverFields):
     """ROME's hyperparameters; defaults are the paper's GPT-2 XL settings (`hparams/ROME/gpt2-xl.json`
     of the reference code). Size-dependent values for the embedded world are in configs/baselines/rome.yaml."""
 
-    layer: int = 17
+    layer: Layer = 17
     """The edited layer (GPT-2 XL: 17 of 48, picked by causal tracing, Sec. 2 / Fig. 2); negative
     counts from the last layer. Size-dependent: set it per model."""
     mom2_adjustment: bool = True
@@ -55,6 +55,7 @@ class ROME(Editor):
 
     def setup(self) -> None:
         self.layer = self.resolve_layer(self.cfg.layer)
+        self.cfg.layer = self.layer  # states record the absolute layer
         self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
         self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")

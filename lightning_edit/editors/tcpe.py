@@ -75,7 +75,7 @@ class TCPE(Editor):
     def component_request(cls, cfg: TCPEConfig, component_cfg, adapter) -> ComponentRequest:
         """The transcoder at `component.hookpoint`, an MLP (checked before anything is loaded or trained)."""
         request = super().component_request(cfg, component_cfg, adapter)
-        _mlp_layer(adapter, request.hookpoint)
+        _mlp_layer(adapter, adapter.resolve_hookpoint(request.hookpoint, "component.hookpoint"))
         return request
 
     def setup(self) -> None:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_edit.editors.base import Editor, HeldRouting, LedgerEntry
+from lightning_edit.editors.base import Editor, HeldRouting, Layer, LedgerEntry
 from lightning_edit.locate.positions import subject_span, token_ending_at
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.tokens import encode_prompt, pad_id, target_positions
@@ -64,7 +64,7 @@ ACT_SCOPES = ("sequence", "subject")
 class WiseConfig:
     """WISE hyperparameters; defaults are the paper's (EasyEdit hparams/WISE/llama-7b.yaml)."""
 
-    layer: int = -1
+    layer: Layer = -1
     """Layer whose MLP down projection gets the side memory; negative counts from the last layer
     (paper: layer 27 of Llama-2-7B's 32, about 85% of the depth)."""
     mask_ratio: float = 0.2
@@ -166,6 +166,7 @@ class Wise(HeldRouting, Editor):
     def setup(self) -> None:
         cfg, adapter = self.cfg, self.adapter
         self.layer = self.resolve_layer(cfg.layer)
+        cfg.layer = self.layer  # states record the absolute layer
         self.shape = tuple(adapter.down_proj_weight(self.layer).shape)  # [d_model, d_ff]
         self.hookpoint = adapter.down_proj_name(self.layer)  # the router adds the side memory's output here
         self.side: Tensor | None = None

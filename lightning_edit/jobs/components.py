@@ -32,7 +32,7 @@ def resolve_component(request: ComponentRequest | None, component_cfg: Mapping[s
     if request is None:
         return None
     path = component_cfg.get("path")
-    hookpoint = request.hookpoint
+    hookpoint = adapter.resolve_hookpoint(request.hookpoint, "component.hookpoint")  # this model's module name
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or model_name
     if not path:
         script = f"{TRAIN_SCRIPTS[request.kind]} hookpoints=[{hookpoint}]"

@@ -102,6 +102,8 @@ def new_editor(method: str, params: Mapping[str, Any], model: nn.Module, tokeniz
     component_cfg = dict(component_cfg or {})
     world = world if world is not None else world_for(model_name)
     request = cls.component_request(cfg, component_cfg, adapter)
+    if request is not None and component_cfg.get("hookpoint"):  # depth-relative -> this model's name, as recorded
+        component_cfg["hookpoint"] = adapter.resolve_hookpoint(component_cfg["hookpoint"], "component.hookpoint")
     component = resolve_component(request, component_cfg, model, adapter, world, model_name)
     ctx = EditorContext(model=model, tokenizer=tokenizer, adapter=adapter, model_name=model_name,
                         component=component, component_cfg=component_cfg, base_fingerprint=base_fingerprint(model),

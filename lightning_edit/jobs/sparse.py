@@ -229,6 +229,10 @@ def _train(cfg: DictConfig, job: str) -> int:
     # The corpus is read and tokenised before anything is written: a wrong file, field or an empty
     # corpus ends here (CorpusError, exit 2) with no run folder.
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
+    try:  # depth-relative names and patterns -> this model's modules, as the saved config records them
+        cfg.hookpoints = ModelAdapter(model).resolve_hookpoints(list(cfg.hookpoints))
+    except ValueError as exc:
+        raise ConfigError(f"hookpoints: {exc}") from None
     data = OmegaConf.to_container(cfg.data, resolve=True)
     max_tokens = data.pop("max_tokens")
     shuffle_buffer = data.pop("shuffle_buffer")

@@ -23,7 +23,8 @@ def test_single_ft_edit_makes_target_argmax_and_round_trips(small_world, tmp_pat
     before = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
     assert not before.exact
     editor = new_editor("ft", {}, model, tokenizer, ModelAdapter(model), model_name=str(small_world.model_dir))
-    assert isinstance(editor, FineTune) and editor.cfg == FTConfig()  # FT-M's (EasyEdit) defaults
+    # FT-M's (EasyEdit) defaults, its layer -1 recorded as the small world's last layer
+    assert isinstance(editor, FineTune) and editor.cfg == FTConfig(layer=1) and FTConfig().layer == -1
     (entry,) = editor.apply([record])
     after = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0]
     assert after.exact and entry.metrics_after["target_argmax"] == 1.0 and entry.steps > 0

@@ -52,3 +52,25 @@ def test_the_world_and_corpus_come_from_the_model_name(small_world, small_corpus
     assert read_corpus(None, small_world) == small_corpus and read_corpus(None, None) is None
     (tmp_path / "c.txt").write_text("one\n\n two \n")
     assert read_corpus(tmp_path / "c.txt", small_world) == ["one", " two "]  # data.corpus wins; blank lines go
+
+
+def test_depth_relative_layers_and_hookpoints_are_recorded_resolved(small_world, small_transcoder):
+    """`editor.layer=100%` and `component.hookpoint=layers.0%.mlp` resolve against the model's depth
+    (the small world has 2 layers); the editor, its config and its saved settings hold the absolute
+    values, and a layer the model does not have is an error naming the key."""
+    from lightning_edit.editors.state import _settings
+    from lightning_edit.jobs.edit_run import new_editor
+    from lightning_edit.models import ModelAdapter, load_model
+
+    model, tokenizer = load_model(str(small_world.model_dir))
+    adapter = ModelAdapter(model)
+    ft = new_editor("ft", {"layer": "100%"}, model, tokenizer, adapter, model_name="toyworld-small")
+    assert ft.layer == 1 and ft.cfg.layer == 1 and _settings(ft)["config"]["layer"] == 1
+    tcpe = new_editor("tcpe", {}, model, tokenizer, adapter,
+                      {"path": str(small_transcoder[0]), "hookpoint": "layers.0%.mlp"}, "toyworld-small")
+    assert tcpe.hookpoint == tcpe.component.hookpoint == "layers.0.mlp" and tcpe.layer == 0
+    assert _settings(tcpe)["component"]["hookpoint"] == "layers.0.mlp"
+    with pytest.raises(ValueError, match=r"editor\.layer is -3; the model has 2 layers"):
+        new_editor("ft", {"layer": -3}, model, tokenizer, adapter, model_name="toyworld-small")
+    with pytest.raises(ValueError, match=r"editor\.layers\[1\] is '150%'"):
+        new_editor("memit", {"layers": [0, "150%"]}, model, tokenizer, adapter, model_name="toyworld-small")

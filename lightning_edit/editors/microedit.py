@@ -48,17 +48,27 @@ from lightning_edit.editors.gates import (
     DeltaGate,
     LatentView,
     OverlapGate,
+    OverlapNull,
     ScopeGate,
     ard_per_token,
     embedding_bag_delta,
 )
-from lightning_edit.editors.microedit_stages import EditedRows, MaskedDecoder, row_mask, stage1, stage2, substituting
+from lightning_edit.editors.microedit_stages import (
+    EditedRows,
+    MaskedDecoder,
+    Replay,
+    row_mask,
+    stage1,
+    stage2,
+    substituting,
+)
 from lightning_edit.locate import Site, capture, evenly_spaced, run_until_captured
 from lightning_edit.models import hidden_of, with_hidden
 from lightning_edit.sparse import save_sparse_coders
 from lightning_edit.tokens import padding_side, target_positions
 
 STATE_FORMAT = "lightning_edit.microedit/1"
+CONFLICTS = ("share", "own", "resolve")
 
 
 @dataclass
@@ -106,11 +116,23 @@ class MicroEditConfig:
     """The delta gate's threshold (admit iff ||z_hat - z_hat_0||^2 / alpha >= delta_tau);
     "calibrate" = the same quantile of unedited ARD: the edit must move the reconstruction by more
     than the SAE's own error. Not in the paper."""
-    overlap_tau: float = 0.5
-    """The overlap gate's threshold: admit iff some edit's row mask has Jaccard overlap >= this with
-    the active latents (meant for mask_tokens="last", where M is one token's k latents). Not in the paper."""
+    overlap_tau: float | str = "calibrate"
+    """The overlap gate's threshold: admit iff some edit's key (its row mask M; meant for
+    mask_tokens="last", where M is one token's k latents) has Jaccard overlap >= this with a
+    position's active latents. "calibrate" = the smallest tau at which an input about another
+    subject passes any of the E live edits' keys with probability <= `overlap_alpha` (a family-wise
+    rate, union bound: the 1 - alpha/E quantile of the null overlaps), the null being every pair of
+    an edit's key with the last prompt token of another live edit whose subject differs, and with
+    every position of the reference lines that do not mention the edit's subject and hold the same
+    token as the key's position (`gates.OverlapNull`). Not in the paper."""
+    overlap_alpha: float = 0.05
+    """overlap_tau="calibrate": the family-wise false-admission rate. Not in the paper."""
     tau_quantile: float = 0.99
     """Quantile used by "calibrate". Not in the paper."""
+    tau_schedule: list[list[float]] | None = None
+    """The ARD switch's tau by the number of edits made so far, as [[from_T, tau], ...]: the paper
+    (App. C.1) uses 0.5 for T < 100 and 0.55 for T >= 100, i.e. [[0, 0.5], [100, 0.55]]; the
+    last entry whose from_T <= T applies. None = `tau` at every T."""
     use_switch: bool = True
     """Ablation "- Shunting Mechanism" (Table 4) when False: the gate is "none"."""
     use_stage1: bool = True
@@ -122,6 +144,26 @@ class MicroEditConfig:
     default_sae_overrides: list[str] = field(default_factory=list)
     """SAE-job `key=value` overrides (configs/sae.yaml's keys, e.g. "coder.expansion_factor=64") for
     the SAE trained when `component.path` is null on an embedded world. Not in the paper."""
+    conflict: str = "share"
+    """What an edit does with decoder rows that earlier live edits' keys also use:
+    "share" (the paper's Algorithm 1: train them, which moves the earlier edits' reconstructions);
+    "resolve" (ours: train them, with the earlier edits that share the most rows replayed in the
+    same stage-2 batch under a hinge that keeps each one's target NLL at most where this edit found
+    it, or at the margin `stop_nll`; an earlier edit of the same subject whose key is in this one's
+    scope is superseded instead: the latest edit of a fact wins); "own" (ours: leave rows a live
+    edit trained as it left them and train only the free ones: earlier edits' prompts keep their
+    reconstruction exactly, but later edits get fewer rows that their rephrases share). Not in the paper."""
+    resolve_max: int = 32
+    """conflict="resolve": at most this many earlier edits (those sharing the most rows) replayed per edit."""
+    robust_views: int = 0
+    """Stage 2 also trains this many views of the edit prompt in which only a random share
+    `robust_keep` of the edit's rows carry the edit (the others keep their values from before it):
+    an admitted rephrase activates only part of the edit's rows, and should flip as well.
+    0 = off (the paper). Not in the paper."""
+    robust_keep: float | str = "gate"
+    """Share of the edit's rows kept in each robust view; "gate" = the overlap gate's least admitted
+    share, 2 tau / (1 + tau) (a position with Jaccard tau against a key of its own size holds that
+    share of the key), or 0.5 with another gate. Not in the paper."""
     keep_undo_log: bool = True
     """Keep each edit's rows before/after it (needed for rollback; 2 |M| d floats per edit)."""
 
@@ -132,6 +174,8 @@ class MicroEditConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"editor.{name} is {getattr(self, name)!r}; expected {expected}")
 
+        if self.conflict not in CONFLICTS:
+            raise bad("conflict", f"one of {', '.join(CONFLICTS)}")
         if self.mask_tokens not in ("all", "last"):
             raise bad("mask_tokens", '"all" or "last"')
         if self.gate not in GATES:
@@ -140,11 +184,19 @@ class MicroEditConfig:
             raise bad("alpha", 'a positive number or "auto"')
         if not isinstance(self.alpha, str) and not self.alpha > 0:
             raise bad("alpha", 'a positive number or "auto"')
-        for name in ("tau", "delta_tau"):
+        for name in ("tau", "delta_tau", "overlap_tau"):
             if isinstance(getattr(self, name), str) and getattr(self, name) != "calibrate":
                 raise bad(name, 'a number or "calibrate"')
         if self.gate_unit is not None and self.gate_unit not in UNITS:
             raise bad("gate_unit", f"one of {', '.join(UNITS)} or null")
+        if self.robust_views < 0:
+            raise bad("robust_views", "an integer >= 0")
+        if self.robust_keep != "gate" and (isinstance(self.robust_keep, str) or not 0 < self.robust_keep <= 1):
+            raise bad("robust_keep", 'a number in (0, 1] or "gate"')
+        if not 0.0 < self.overlap_alpha < 1.0:
+            raise bad("overlap_alpha", "a number in (0, 1)")
+        if self.resolve_max < 0:
+            raise bad("resolve_max", "an integer >= 0")
         if not 0.0 <= self.tau_quantile <= 1.0:
             raise bad("tau_quantile", "a number in [0, 1]")
         for name in ("stage1_max_steps", "stage2_max_steps", "calib_samples"):
@@ -152,6 +204,15 @@ class MicroEditConfig:
                 raise bad(name, "an integer >= 0")
         if not self.lr > 0:
             raise bad("lr", "a positive number")
+        if self.tau_schedule is not None:
+            try:
+                froms = [float(p[0]) for p in self.tau_schedule]
+                ok = bool(froms) and all(len(p) == 2 and float(p[1]) > 0 for p in self.tau_schedule)
+                ok = ok and froms[0] >= 0 and froms == sorted(froms)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise bad("tau_schedule", "a list of [from_T, tau] pairs with from_T >= 0 ascending, or null")
 
     @property
     def effective_gate(self) -> str:
@@ -192,7 +253,7 @@ class MicroEdit(HeldRouting, Editor):
         self.taus: dict[str, float | None] = {
             "ard": None if cfg.tau == "calibrate" else float(cfg.tau),
             "delta": None if cfg.delta_tau == "calibrate" else float(cfg.delta_tau),
-            "overlap": float(cfg.overlap_tau),
+            "overlap": None if cfg.overlap_tau == "calibrate" else float(cfg.overlap_tau),
             "none": 0.0,
         }
         """Each gate's threshold, calibrated ones filled in by `prepare`."""
@@ -200,6 +261,13 @@ class MicroEdit(HeldRouting, Editor):
         """ARD of each reference line with the unedited SAE (what tau is calibrated on)."""
         self.rows = EditedRows(self.sae.W_dec, cfg.keep_undo_log)
         """The decoder rows the edits changed, their base values, masks and undo records."""
+        self._subjects: dict[int, str] = {}  # edit id -> its subject (its prompt when it has none)
+        self._key_tokens: dict[int, int] = {}  # edit id -> the token at its key position (last prompt token)
+        self._null = OverlapNull(self.sae.W_dec.shape[0])
+        """Null overlaps of the live keys, for overlap_tau="calibrate"."""
+        self._null_stale = False
+        self._said_no_null = False
+        self._replays: dict[int, Replay] = {}  # edit id -> its input (conflict="resolve"); rebuilt from the ledger
         self._special_ids = torch.tensor(sorted(set(getattr(self.tokenizer, "all_special_ids", []) or [])),
                                          dtype=torch.long)
         self._inside_apply = False
@@ -222,19 +290,78 @@ class MicroEdit(HeldRouting, Editor):
         stats = self.scope_statistics(lines, gates=("ard",), base=True, alpha=1.0)
         if self.cfg.alpha == "auto":
             self.alpha = float(stats["z_sq"].sum() / stats["n_tokens"].sum())
+        if self.cfg.overlap_tau == "calibrate":
+            self._null.set_reference(*self._reference_codes(lines), lines)
+            self._null_stale = True
         self.reference_ard = stats["ard"] / self.alpha
         for gate in calibrated:
             self.taus[gate] = float(torch.quantile(self.reference_ard, self.cfg.tau_quantile))
         if need:
             q = torch.quantile(self.reference_ard, torch.tensor([0.01, 0.5, 0.99]))
+            gate = self.cfg.effective_gate
+            tau = ("per edit count (overlap_tau=calibrate)" if gate == "overlap" and self.taus["overlap"] is None
+                   else self.tau)
             _say(f"calibrated on {len(lines)} reference lines: alpha={self.alpha:.4g}, "
-                 f"unedited ARD p1/p50/p99 = {q[0]:.3g}/{q[1]:.3g}/{q[2]:.3g}; gate "
-                 f"{self.cfg.effective_gate}, tau={self.tau}")
+                 f"unedited ARD p1/p50/p99 = {q[0]:.3g}/{q[1]:.3g}/{q[2]:.3g}; gate {gate}, tau={tau}")
+
+    @torch.no_grad()
+    def _reference_codes(self, lines: Sequence[str], batch_size: int = 64) -> tuple[Tensor, ...]:
+        """(idx [P, k], active [P, k], line [P], token [P]) of every real position of `lines` (the
+        encoder is frozen: edits never change these)."""
+        out: list[list[Tensor]] = [[], [], [], []]
+        with padding_side(self.tokenizer, "right"):
+            for first in range(0, len(lines), batch_size):
+                batch = self.tokenizer(list(lines[first:first + batch_size]), return_tensors="pt",
+                                       padding=True).to(self.device)
+                hidden = self._capture(batch["input_ids"], batch["attention_mask"])
+                acts, idx = self.sae.encode(hidden.to(self.sae.dtype))
+                valid = batch["attention_mask"].bool() & self._not_special(batch["input_ids"])
+                rows, cols = valid.nonzero(as_tuple=True)
+                out[0].append(idx[rows, cols])
+                out[1].append(acts[rows, cols] > 0)
+                out[2].append(rows + first)
+                out[3].append(batch["input_ids"][rows, cols])
+        return tuple(torch.cat(o) for o in out)
+
+    def overlap_tau(self) -> float:
+        """The overlap gate's threshold now: fixed, or calibrated (`overlap_tau="calibrate"`) from
+        the null overlaps of the live edits' keys (see `OverlapNull`)."""
+        if self.taus["overlap"] is not None:
+            return self.taus["overlap"]
+        masks = self.rows.masks
+        if not masks:  # no live edit: nothing to admit
+            return 1.0
+        if self._null_stale:
+            live = list(masks)
+            self._null.rebuild([masks[i] for i in live], [self._key_tokens.get(i, -1) for i in live],
+                               [self._subjects.get(i, str(i)) for i in live])
+            self._null_stale = False
+        tau = self._null.tau(len(masks), self.cfg.overlap_alpha)
+        if tau is None:  # no reference corpus and no second edit yet: nothing to calibrate on
+            if not self._said_no_null:
+                _say("overlap_tau='calibrate' has no null overlaps yet (no reference corpus, one edit): "
+                     "admitting exact key matches only until there are")
+                self._said_no_null = True
+            return 1.0
+        return tau
+
+    def _robust_keep(self) -> float:
+        if self.cfg.robust_keep != "gate":
+            return float(self.cfg.robust_keep)
+        if self.cfg.effective_gate != "overlap":
+            return 0.5
+        tau = self.overlap_tau() if self.rows.masks else 0.5
+        return 2 * tau / (1 + tau)
 
     @property
     def tau(self) -> float | None:
-        """The threshold of the configured gate."""
-        return self.taus[self.cfg.effective_gate]
+        """The threshold of the configured gate (the ARD switch's by the schedule, if one is set)."""
+        gate = self.cfg.effective_gate
+        if gate == "overlap":
+            return self.overlap_tau()
+        if gate == "ard" and self.cfg.tau_schedule:
+            return scheduled_tau(self.cfg.tau_schedule, len(self.ledger))
+        return self.taus[gate]
 
     def _alpha_or_fallback(self, z: Tensor) -> float:
         if self.alpha is None:  # alpha="auto" without prepare(): the first edit prompt's mean ||z||^2
@@ -271,8 +398,15 @@ class MicroEdit(HeldRouting, Editor):
             if prompt_pos.numel() == 0:
                 raise ValueError(f"edit {edit_id}: prompt {record.prompt!r} has no non-special token")
             alpha = self._alpha_or_fallback(z[prompt_pos])
-            rows = row_mask(acts, idx, prompt_pos, cfg.use_topk_mask, cfg.mask_tokens)  # Eq. 13
-            decoder = MaskedDecoder(sae.W_dec, sae.b_dec, acts, idx, rows)
+            key = row_mask(acts, idx, prompt_pos, cfg.use_topk_mask, cfg.mask_tokens)  # Eq. 13
+            rows = key[self.rows.owner[key] < 0] if cfg.conflict == "own" else key
+            # conflict="resolve": earlier live edits whose key shares rows with M are solved again
+            # with this one (their inputs replayed in the same stage-2 batch); an earlier edit of the
+            # same fact is superseded instead.
+            subject = getattr(record, "subject", None) or record.prompt
+            superseded = self._superseded(key, subject) if cfg.conflict == "resolve" else []
+            replay = self._replay_batch(rows, set(superseded)) if cfg.conflict == "resolve" else []
+            decoder = MaskedDecoder(sae.W_dec, sae.b_dec, acts, idx, rows, [(r.acts, r.idx) for r in replay])
             optimizer = torch.optim.Adam([decoder.param], lr=cfg.lr)  # fresh per edit: Eq. 14 on M only
 
             def rec_loss(z_hat: Tensor) -> Tensor:  # Eq. 11 over the edit prompt's tokens
@@ -284,12 +418,22 @@ class MicroEdit(HeldRouting, Editor):
                 if cfg.use_stage1 else 0
             holder: dict[str, Tensor] = {}
             with substituting(self.adapter, self.hookpoint, self._output_example, holder):
-                steps2, nll_before, nll_after = stage2(self.model, input_ids, start, decoder, optimizer, rec_loss,
-                                                       cfg.rec_weight, cfg.stage2_max_steps, cfg.stop_nll, holder)
+                views = cfg.robust_views if rows.numel() > 1 else 0
+                steps2, nll_before, nll_after = stage2(
+                    self.model, input_ids, start, decoder, optimizer, rec_loss, cfg.rec_weight,
+                    cfg.stage2_max_steps, cfg.stop_nll, holder, replay=replay, pad_id=self._pad_id(),
+                    views=views, keep_share=self._robust_keep() if views else 1.0, seed=edit_id)
             before, after = decoder.before, decoder.param.detach().clone()
             with torch.no_grad():
                 ard_after = float(rec_loss(decoder.reconstruct()))
-                self.rows.write(rows, before, after, edit_id)
+                key_token = int(input_ids[0, prompt_pos[-1]])
+                if not self._null_stale:  # count the new key's null overlaps before it joins the keys
+                    self._null.add(key, key_token, subject, self._mask_matrix(),
+                                   [self._subjects.get(i, str(i)) for i in self.rows.masks])
+                self.rows.write(rows, before, after, edit_id, key)
+                self._subjects[edit_id], self._key_tokens[edit_id] = subject, key_token
+                if cfg.conflict == "resolve":
+                    self._replays[edit_id] = Replay(input_ids[0], start, idx, acts)
                 self._eval_cache.clear()
         finally:
             self._inside_apply = False
@@ -302,12 +446,62 @@ class MicroEdit(HeldRouting, Editor):
             metrics_before={"target_nll": nll_before, "ard": ard_before},
             metrics_after={"target_nll": nll_after, "ard": ard_after},
             extra={"stage1_steps": steps1, "stage2_steps": steps2, "rows": int(rows.numel()),
+                   "rows_owned_by_earlier_edits": int(key.numel() - rows.numel()),
+                   "replayed_edits": len(replay), "superseded_edits": superseded,
                    "reached_stop": bool(nll_after < cfg.stop_nll) if len(ids) - start == 1 else None},
         )
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def _superseded(self, key: Tensor, subject: str) -> list[int]:
+        """Earlier live edits this one rewrites: same subject, and keys in each other's scope
+        (Jaccard >= the overlap gate's tau; the same key when another gate is used). They are not
+        replayed: the latest edit of a fact wins."""
+        if not self.rows.masks:
+            return []
+        ids = list(self.rows.masks)
+        masks = self._mask_matrix()
+        inter = masks[:, key].sum(1).float()
+        jaccard = inter / (masks.sum(1).float() + len(key) - inter).clamp_min(1.0)
+        tau = self.overlap_tau() if self.cfg.effective_gate == "overlap" else 1.0
+        return [ids[i] for i in (jaccard >= tau).nonzero().flatten().tolist()
+                if self._subjects.get(ids[i]) == subject]
+
+    def _replay_batch(self, rows: Tensor, skip: set[int]) -> list[Replay]:
+        """The earlier live edits whose key shares rows with `rows` (but those in `skip`), most
+        shared first, at most `resolve_max`, with their inputs (re-encoded from the ledger when not
+        cached, e.g. after load_state_dict: the LM and the encoder are frozen, so the code is the same)."""
+        if not self.rows.masks or rows.numel() == 0 or self.cfg.resolve_max == 0:
+            return []
+        ids = list(self.rows.masks)
+        shared = self._mask_matrix()[:, rows].sum(1)
+        for i, other in enumerate(ids):
+            if other in skip:
+                shared[i] = 0
+        order = torch.argsort(shared, descending=True, stable=True)[: self.cfg.resolve_max]
+        out = []
+        for i in order.tolist():
+            if shared[i] == 0:
+                break
+            other = ids[i]
+            if other not in self._replays:
+                entry = next(e for e in self.ledger if e.edit_id == other)
+                ids_o, start_o = target_positions(self.tokenizer, entry.prompt, entry.target)
+                ids_o = torch.tensor([ids_o], dtype=torch.long, device=self.device)
+                with torch.no_grad():
+                    acts_o, idx_o = self.sae.encode(self._capture(ids_o, None)[0].to(self.sae.dtype))
+                self._replays[other] = Replay(ids_o[0], start_o, idx_o, acts_o)
+            out.append(self._replays[other])
+        return out
 
     def rollback(self, edit_id: int) -> None:
         """Undo edit `edit_id` (`EditedRows.rollback` says what happens to rows later edits touched)."""
         exact = self.rows.rollback(edit_id)
+        for table in (self._replays, self._subjects, self._key_tokens):
+            table.pop(edit_id, None)
+        self._null_stale = True
         self._eval_cache.clear()
         for entry in self.ledger:
             if entry.edit_id == edit_id:
@@ -322,6 +516,10 @@ class MicroEdit(HeldRouting, Editor):
         if name not in GATES:
             raise ValueError(f"unknown gate {name!r}; choices: {', '.join(GATES)}")
         unit = unit or self.cfg.gate_unit or ("sequence" if name == "ard" else "token")
+        if tau is None and name == "overlap":
+            tau = self.overlap_tau()
+        if tau is None and name == "ard" and self.cfg.tau_schedule:
+            tau = scheduled_tau(self.cfg.tau_schedule, len(self.ledger))
         tau = self.taus[name] if tau is None else tau
         if name == "none":
             return AlwaysOn(unit=unit)
@@ -459,6 +657,9 @@ class MicroEdit(HeldRouting, Editor):
             **{key: rows[key] for key in ("shape", "changed_rows", "base_rows", "rows")},
             "reference_ard": None if self.reference_ard is None else self.reference_ard.clone(),
             "masks": rows["masks"],
+            "owner": rows["owner"],
+            "subjects": {str(i): v for i, v in self._subjects.items()},
+            "key_tokens": {str(i): v for i, v in self._key_tokens.items()},
             "undo": rows["undo"],
             "ledger": self.ledger_state(),
         }
@@ -476,12 +677,25 @@ class MicroEdit(HeldRouting, Editor):
                 self.taus[gate] = state["taus"].get(gate)
         ref = state.get("reference_ard")
         self.reference_ard = None if ref is None else ref.clone()
+        self._subjects = {int(i): v for i, v in (state.get("subjects") or {}).items()}
+        self._key_tokens = {int(i): int(v) for i, v in (state.get("key_tokens") or {}).items()}
+        self._replays.clear()
+        self._null_stale = True
         self.load_ledger(state["ledger"])
         self._eval_cache.clear()
 
     def export_component(self, directory: Path) -> Path:
         """The edited SAE as a sparsify checkpoint: `<directory>/<hookpoint>/{cfg.json, sae.safetensors}`."""
         return save_sparse_coders({self.hookpoint: self.sae}, directory)
+
+
+def scheduled_tau(schedule: Sequence[Sequence[float]], edits: int) -> float:
+    """The tau of the last [from_T, tau] entry with from_T <= edits (the first entry's below it)."""
+    tau = float(schedule[0][1])
+    for from_t, value in schedule:
+        if edits >= from_t:
+            tau = float(value)
+    return tau
 
 
 def _say(message: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,22 +34,60 @@ class MaskedDecoder:
     """The decoder rows an edit reads, with its masked rows M as the one trainable tensor `param`.
 
     Eq. 14 is run on a copy of M's rows only (a fresh Adam per edit, written back afterwards), so rows
-    outside M stay bit-identical and a step costs O(|rows read| d), not O(n d).
+    outside M stay bit-identical and a step costs O(|rows read| d), not O(n d). `others` are the codes
+    (acts, idx) of further inputs read through the same rows (earlier edits replayed under
+    conflict="resolve"): row 0 of `reconstruct_batch` is the edit's own input, the others follow.
     """
 
-    def __init__(self, W_dec: Tensor, b_dec: Tensor, acts: Tensor, idx: Tensor, rows: Tensor):
-        used = torch.cat([idx.flatten(), rows]).unique()  # sorted: every row the edit input reads, M included
-        self.acts, self.b_dec = acts, b_dec
-        self.local_idx = torch.searchsorted(used, idx)
+    def __init__(self, W_dec: Tensor, b_dec: Tensor, acts: Tensor, idx: Tensor, rows: Tensor,
+                 others: Sequence[tuple[Tensor, Tensor]] = ()):
+        codes = [(acts, idx)] + list(others)
+        used = torch.cat([i.flatten() for _, i in codes] + [rows]).unique()  # sorted: every row read, M included
+        k = idx.shape[-1]
+        self.n_in, self.batch = idx.shape[0], len(codes)
+        self.length = max(i.shape[0] for _, i in codes)
+        batch_idx = torch.zeros(self.batch, self.length, k, dtype=torch.long, device=idx.device)
+        batch_acts = acts.new_zeros(self.batch, self.length, k)  # padding positions read nothing
+        for b, (a, i) in enumerate(codes):
+            batch_idx[b, :len(i)], batch_acts[b, :len(i)] = i, a
+        self.b_dec = b_dec
+        self.local_idx = torch.searchsorted(used, batch_idx).view(-1, k)
+        self.flat_acts = batch_acts.view(-1, k)
         self.local_rows = torch.searchsorted(used, rows)
         self.W_used = W_dec.detach()[used].clone()
         self.before = W_dec.detach()[rows].clone()
         self.param = self.before.clone().requires_grad_(True)
 
+    def _decode(self, W: Tensor, n: int) -> Tensor:
+        return F.embedding_bag(self.local_idx[:n], W, per_sample_weights=self.flat_acts[:n], mode="sum") + self.b_dec
+
     def reconstruct(self) -> Tensor:
-        """Eq. 8 with the masked rows as they are now: z_hat per token, [L, d]."""
+        """Eq. 8 with the masked rows as they are now: z_hat per token of the edit's input, [L, d]."""
+        return self._decode(self.W_used.index_copy(0, self.local_rows, self.param), self.n_in)
+
+    def reconstruct_batch(self) -> Tensor:
+        """z_hat for the edit's input and every replayed one, right-padded, [B, L, d]."""
         W = self.W_used.index_copy(0, self.local_rows, self.param)
-        return F.embedding_bag(self.local_idx, W, per_sample_weights=self.acts, mode="sum") + self.b_dec
+        return self._decode(W, self.batch * self.length).view(self.batch, self.length, -1)
+
+    def reconstruct_views(self, keep: Tensor) -> Tensor:
+        """z_hat of the edit's input with only the rows `keep[v]` ([V, |M|] bool) edited, the others at
+        their values before the edit, [V, L, d] (robust views)."""
+        out = [self._decode(self.W_used.index_copy(0, self.local_rows, torch.where(k[:, None], self.param,
+                                                                                   self.before)), self.n_in)
+               for k in keep]
+        return torch.stack(out)
+
+
+@dataclass
+class Replay:
+    """An edit's own input as the editor saw it (prompt + target ids, the fixed top-k code): what
+    conflict="resolve" replays when a later edit trains rows it reads."""
+
+    input_ids: Tensor  # [L]
+    start: int  # first target position
+    idx: Tensor  # [L, k]
+    acts: Tensor  # [L, k]
 
 
 def stage1(decoder: MaskedDecoder, optimizer: torch.optim.Optimizer, rec_loss: Callable[[Tensor], Tensor],
@@ -69,23 +107,60 @@ def stage1(decoder: MaskedDecoder, optimizer: torch.optim.Optimizer, rec_loss: C
 
 def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecoder,
            optimizer: torch.optim.Optimizer, rec_loss: Callable[[Tensor], Tensor], rec_weight: float,
-           max_steps: int, stop_nll: float, holder: dict[str, Tensor]) -> tuple[int, float, float]:
+           max_steps: int, stop_nll: float, holder: dict[str, Tensor], replay: Sequence[Replay] = (),
+           pad_id: int = 0, views: int = 0, keep_share: float = 1.0, seed: int = 0) -> tuple[int, float, float]:
     """Adam on rec_weight L_rec + L_edit (Eq. 10 + 11) with z_hat substituted at layer l (run inside
     `substituting(..., holder)`), until every target token's NLL is below `stop_nll` or `max_steps`.
-    Returns (steps, mean target NLL before, after)."""
+    Returns (steps, mean target NLL before, after).
+
+    replay (conflict="resolve"): earlier edits read through `decoder`'s rows, in the same batch
+    (`decoder` built with their codes as `others`); each one's worst target-token NLL may not end
+    above its limit (the margin, or where this edit found it if above) under a hinge, and the stage
+    is done only when all of them are back under it. views (robust views): the edit's input is also
+    trained in `views` copies in which only a random share `keep_share` of M carries the edit.
+    """
     target = input_ids[0, start:]
+    n_in = input_ids.shape[1]
+    batch_ids = torch.full((decoder.batch, decoder.length), pad_id, dtype=torch.long, device=input_ids.device)
+    for b, ids in enumerate([input_ids[0]] + [r.input_ids for r in replay]):
+        batch_ids[b, :len(ids)] = ids
+    if views:
+        batch_ids = torch.cat([batch_ids, batch_ids[:1].expand(views, -1)])
+    gen = torch.Generator().manual_seed(seed)
+    n_rows = len(decoder.local_rows)
     nll_before = nll_after = math.nan
+    replay_limit = None
     steps = 0
     for steps in range(max_steps + 1):
-        holder["z_hat"] = z_hat = decoder.reconstruct()
-        logits = model(input_ids=input_ids, use_cache=False).logits[0, start - 1:-1]
-        nll = F.cross_entropy(logits.float(), target, reduction="none")  # [n_target]
+        z_hat_b = decoder.reconstruct_batch()
+        if views:
+            keep = (torch.rand(views, n_rows, generator=gen) < keep_share).to(z_hat_b.device)
+            z_hat_v = F.pad(decoder.reconstruct_views(keep), (0, 0, 0, decoder.length - n_in))
+            holder["z_hat"] = torch.cat([z_hat_b, z_hat_v])
+        else:
+            holder["z_hat"] = z_hat_b
+        logits = model(input_ids=batch_ids, use_cache=False).logits
+        nll = F.cross_entropy(logits[0, start - 1:n_in - 1].float(), target, reduction="none")  # [n_target]
         nll_after = nll.mean().item()
         if steps == 0:
             nll_before = nll_after
-        if nll.max().item() < stop_nll or steps == max_steps:
+        done = nll.max().item() < stop_nll
+        loss = rec_weight * rec_loss(z_hat_b[0, :n_in]) + nll.mean()  # Eq. 10 + Eq. 11
+        if replay:  # earlier edits: each one's worst target token may not end above its limit
+            old = torch.stack([F.cross_entropy(logits[b, r.start - 1:len(r.input_ids) - 1].float(),
+                                               r.input_ids[r.start:], reduction="none").max()
+                               for b, r in enumerate(replay, 1)])
+            if replay_limit is None:
+                replay_limit = old.detach().clamp_min(stop_nll)
+            done = done and bool((old.detach() <= replay_limit).all())
+            loss = loss + F.relu(old - replay_limit).sum()  # a hinge: only what broke
+        if views:  # the partial views: the target at the margin too
+            view_nll = F.cross_entropy(logits[decoder.batch:, start - 1:n_in - 1].float().flatten(0, 1),
+                                       target.repeat(views), reduction="none")
+            done = done and view_nll.max().item() < stop_nll
+            loss = loss + view_nll.mean()
+        if done or steps == max_steps:
             break
-        loss = rec_weight * rec_loss(z_hat) + nll.mean()  # Eq. 10 + Eq. 11
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,7 +190,11 @@ class _Emit(nn.Module):
         self.example, self.holder = example, holder
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Any:
-        return with_hidden(self.example, self.holder["z_hat"][None].to(hidden_states.dtype))
+        return with_hidden(self.example, _batched(self.holder["z_hat"]).to(hidden_states.dtype))
+
+
+def _batched(z_hat: Tensor) -> Tensor:
+    return z_hat if z_hat.dim() == 3 else z_hat[None]
 
 
 @contextlib.contextmanager
@@ -130,7 +209,7 @@ def substituting(adapter: Any, hookpoint: str, example: Any, holder: dict[str, T
     index = next((i for i in range(adapter.num_layers) if adapter.layer_name(i) == hookpoint), None)
     if index is None:
         def substitute(module, args, output):
-            return with_hidden(output, holder["z_hat"][None].to(hidden_of(output).dtype))
+            return with_hidden(output, _batched(holder["z_hat"]).to(hidden_of(output).dtype))
 
         with adapter.hooks({hookpoint: substitute}):
             yield
@@ -177,11 +256,14 @@ class EditedRows:
         """Rows any edit ever changed, and their values in the base decoder (for `delta`, state, export)."""
         self.undo: dict[int, _Undo] = {}
         self.masks: dict[int, Tensor] = {}
-        """Edit id -> its row mask M (live edits), for the overlap gate."""
+        """Edit id -> its key (the row mask M before ownership; live edits), for the overlap gate."""
+        self.owner = torch.full((n,), -1, dtype=torch.long, device=W_dec.device)
+        """The live edit that trained each row last (-1: none); with conflict="own" nobody else may."""
 
     @torch.no_grad()
-    def write(self, rows: Tensor, before: Tensor, after: Tensor, edit_id: int) -> None:
-        """Write an edit's rows into W_dec (only those rows), and log base values and undo data."""
+    def write(self, rows: Tensor, before: Tensor, after: Tensor, edit_id: int, key: Tensor | None = None) -> None:
+        """Write an edit's rows into W_dec (only those rows), and log base values and undo data.
+        `key`: the edit's full row mask when it trained only part of it (conflict="own"); default `rows`."""
         new = rows[~self.changed[rows]]
         if new.numel():
             self.base_rows = torch.cat([self.base_rows, self.W_dec.detach()[new].clone()])
@@ -190,7 +272,8 @@ class EditedRows:
         self.W_dec.data.index_copy_(0, rows, after.to(self.W_dec.dtype))
         if self.keep_undo_log:
             self.undo[edit_id] = _Undo(rows.clone(), before, after)
-        self.masks[edit_id] = rows.clone()
+        self.masks[edit_id] = (rows if key is None else key).clone()
+        self.owner[rows] = edit_id
 
     @torch.no_grad()
     def rollback(self, edit_id: int) -> int:
@@ -223,6 +306,7 @@ class EditedRows:
             W.index_add_(0, undo.rows[shared], -delta[shared].to(W.dtype))
         undo.live = False
         self.masks.pop(edit_id, None)
+        self.owner[undo.rows[self.owner[undo.rows] == edit_id]] = -1
         return int(exact.sum())
 
     @contextlib.contextmanager
@@ -263,6 +347,7 @@ class EditedRows:
             "base_rows": self.base_rows.cpu().clone(),
             "rows": W[self.changed_rows].cpu().clone(),
             "masks": {str(i): m.cpu().clone() for i, m in self.masks.items()},
+            "owner": self.owner.cpu().clone(),
             "undo": {str(i): {"rows": self.undo[i].rows.cpu().clone(), "before": self.undo[i].before.cpu().clone(),
                               "after": self.undo[i].after.cpu().clone(), "live": self.undo[i].live}
                      for i in sorted(self.undo)},
@@ -287,6 +372,9 @@ class EditedRows:
         self.changed[changed] = True
         self.changed_rows, self.base_rows = changed.clone(), base.clone()
         self.masks = {int(i): m.to(dev).long() for i, m in state["masks"].items()}
+        owner = state.get("owner")
+        self.owner = (torch.full((W.shape[0],), -1, dtype=torch.long, device=dev) if owner is None
+                      else owner.to(dev).long().clone())
         self.undo = {int(i): _Undo(u["rows"].to(dev).long(), u["before"].to(dev, W.dtype),
                                    u["after"].to(dev, W.dtype), bool(u["live"]))
                      for i, u in state["undo"].items()}

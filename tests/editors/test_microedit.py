@@ -169,3 +169,135 @@ def test_generate_with_the_switch(small_world, small_sae, records):
     editor.apply([records[0]])
     out = editor.generate([records[0].prompt], max_new_tokens=1)
     assert out[0].strip() == records[0].target_new
+
+
+# --- conflicts, the calibrated overlap gate, robust views, the paper's tau schedule -----------------
+
+
+def test_own_conflict_never_moves_an_earlier_edits_rows(small_world, small_sae, records):
+    editor = make_microedit(small_world, small_sae, gate="none", conflict="own")
+    first = editor.apply([records[0]])[0]
+    rows = torch.tensor(first.changed["W_dec"])
+    kept = editor.sae.W_dec.detach()[rows].clone()
+    for record in records[1:]:
+        entry = editor.apply([record])[0]
+        assert not set(entry.changed["W_dec"]) & set(rows.tolist())
+    assert torch.equal(editor.sae.W_dec.detach()[rows], kept)
+    # the same prompt again: every row of its key is owned, so the re-edit trains none and says so
+    again = editor.apply([records[0]])[0]
+    assert again.changed["W_dec"] == [] and again.extra["rows_owned_by_earlier_edits"] == len(rows)
+
+
+def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, records):
+    def rel(editor):
+        with editor.edited() as model:
+            got = last_token_argmax(model, editor.tokenizer, [r.prompt for r in records])
+        want = [editor.tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"][0] for r in records]
+        return sum(g == w for g, w in zip(got, want)) / len(records)
+
+    share = make_microedit(small_world, small_sae, gate="none", conflict="share")
+    resolve = make_microedit(small_world, small_sae, gate="none", conflict="resolve")
+    share.apply(records)
+    entries = resolve.apply(records)
+    assert sum(e.extra["replayed_edits"] for e in entries) > 0  # the test world's edits do share rows
+    assert rel(resolve) == 1.0 and rel(resolve) >= rel(share)
+
+
+def test_resolve_lets_a_re_edit_supersede_the_earlier_edit(small_world, small_sae, records):
+    from dataclasses import replace
+
+    editor = make_microedit(small_world, small_sae, gate="none", conflict="resolve")
+    editor.apply([records[0]])
+    new_target = next(r.target_new for r in records if r.target_new != records[0].target_new)
+    entry = editor.apply([replace(records[0], target_new=new_target)])[0]
+    assert entry.extra["superseded_edits"] == [0] and entry.extra["replayed_edits"] == 0
+    with editor.edited() as model:
+        got = last_token_argmax(model, editor.tokenizer, [records[0].prompt])[0]
+    assert got == editor.tokenizer(" " + new_target, add_special_tokens=False)["input_ids"][0]
+
+
+def test_overlap_null_tau_is_the_family_wise_quantile():
+    from lightning_edit.editors.gates import OverlapNull
+
+    null = OverlapNull(8)
+    assert null.tau(1, 0.05) is None
+    null._add(torch.linspace(0, 0.999, 1000))  # uniform overlaps
+    taus = [null.tau(e, 0.05) for e in (1, 10, 100)]
+    assert taus == sorted(taus) and taus[-1] < 1.0  # more edits, a stricter threshold
+    assert abs(taus[0] - 0.95) < 0.01 and abs(taus[1] - 0.995) < 0.01
+
+
+def test_calibrated_overlap_gate_admits_edits_and_few_reference_positions(small_world, small_sae, records):
+    editor = make_microedit(small_world, small_sae, gate="overlap", overlap_tau="calibrate", overlap_alpha=0.05)
+    editor.apply(records)
+    tau = editor.overlap_tau()
+    assert 0.0 < tau < 1.0
+    stats = editor.scope_statistics([r.prompt for r in records], gates=("overlap",))
+    assert bool((stats["overlap_last"] >= tau).all())  # every edit prompt passes its own key
+    subjects = [r.subject for r in records]
+    lines = [l for l in small_world.corpus_path.read_text().splitlines()[300:900]
+             if l.strip() and not any(s in l for s in subjects)]
+    gate = editor.make_gate("overlap")
+    admitted = total = 0
+    for first in range(0, len(lines), 64):
+        batch = editor.tokenizer(lines[first:first + 64], return_tensors="pt", padding=True)
+        hidden = editor._capture(batch["input_ids"], batch["attention_mask"])
+        valid = batch["attention_mask"].bool() & editor._not_special(batch["input_ids"])
+        admit = gate.admit(editor._view(hidden, valid))
+        admitted += int((admit & valid).sum())
+        total += int(valid.sum())
+    assert admitted / total <= 0.05  # held-out positions about other subjects: the family-wise rate
+
+
+def test_robust_views_keep_the_edit_with_half_its_rows(small_world, small_sae, records):
+    def nll_with_half_reverted(editor, base):
+        entry = editor.ledger[-1]
+        rows = torch.tensor(entry.changed["W_dec"])
+        out = []
+        for seed in range(4):
+            keep = torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)) < 0.5
+            saved = editor.sae.W_dec.detach().clone()
+            editor.sae.W_dec.data[rows[~keep]] = base[rows[~keep]]
+            with torch.no_grad(), editor.edited() as model:
+                ids = editor.tokenizer(records[0].prompt + " " + records[0].target_new, return_tensors="pt")["input_ids"]
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, -2], -1)[ids[0, -1]]
+            editor.sae.W_dec.data.copy_(saved)
+            out.append(-float(logp))
+        return sum(out) / len(out)
+
+    plain = make_microedit(small_world, small_sae, gate="none")
+    robust = make_microedit(small_world, small_sae, gate="none", robust_views=2, robust_keep=0.5)
+    base = plain.sae.W_dec.detach().clone()
+    plain.apply([records[0]])
+    robust.apply([records[0]])
+    assert nll_with_half_reverted(robust, base) < nll_with_half_reverted(plain, base)
+
+
+def test_tau_schedule_follows_the_edit_count(small_world, small_sae, records):
+    from lightning_edit.editors.microedit import scheduled_tau
+
+    schedule = [[0, 0.5], [100, 0.55]]
+    assert [scheduled_tau(schedule, t) for t in (0, 99, 100, 1000)] == [0.5, 0.5, 0.55, 0.55]
+    with pytest.raises(ValueError, match="editor.tau_schedule"):
+        MicroEditConfig(tau_schedule=[[100, 0.55], [0, 0.5]])
+    editor = make_microedit(small_world, small_sae, gate="ard", tau=0.5, tau_schedule=schedule, alpha=600.0)
+    assert editor.make_gate().tau == 0.5
+    editor.apply([records[0]])
+    assert editor.make_gate().tau == 0.5  # T = 1
+    editor.ledger.extend(editor.ledger * 99)  # T = 100 edits so far (the gate reads the count only)
+    assert editor.make_gate().tau == 0.55
+
+
+def test_paper_preset_states_the_papers_values():
+    from omegaconf import OmegaConf
+
+    from lightning_edit.config import load_config
+    from lightning_edit.jobs.edit import EditJobConfig
+    from lightning_edit.jobs.edit_run import check_edit_config
+
+    cfg = load_config(EditJobConfig, ["config=microedit_paper.yaml"])
+    assert check_edit_config(cfg) is MicroEdit
+    editor = MicroEdit.make_config(OmegaConf.to_container(cfg.editor))
+    assert (editor.gate, editor.mask_tokens, editor.lr, editor.alpha, editor.use_stage1) == ("ard", "all", 5e-5, 600, True)
+    assert editor.tau_schedule == [[0, 0.5], [100, 0.55]] and editor.conflict == "share"
+    assert "coder.expansion_factor=32" in editor.default_sae_overrides

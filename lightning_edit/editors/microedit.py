@@ -155,6 +155,10 @@ class MicroEditConfig:
     reconstruction exactly, but later edits get fewer rows that their rephrases share). Not in the paper."""
     resolve_max: int = 32
     """conflict="resolve": at most this many earlier edits (those sharing the most rows) replayed per edit."""
+    resolve_lazy: bool = True
+    """conflict="resolve": the replayed edits join stage 2's batch at its first step (their limits),
+    when the edit itself is done (a check), and at every step after a check found one broken;
+    False = at every step (a batch of 1 + `resolve_max` forwards each step). Not in the paper."""
     robust_views: int = 0
     """Stage 2 also trains this many views of the edit prompt in which only a random share
     `robust_keep` of the edit's rows carry the edit (the others keep their values from before it):
@@ -422,7 +426,8 @@ class MicroEdit(HeldRouting, Editor):
                 steps2, nll_before, nll_after = stage2(
                     self.model, input_ids, start, decoder, optimizer, rec_loss, cfg.rec_weight,
                     cfg.stage2_max_steps, cfg.stop_nll, holder, replay=replay, pad_id=self._pad_id(),
-                    views=views, keep_share=self._robust_keep() if views else 1.0, seed=edit_id)
+                    views=views, keep_share=self._robust_keep() if views else 1.0, seed=edit_id,
+                    lazy_replay=cfg.resolve_lazy)
             before, after = decoder.before, decoder.param.detach().clone()
             with torch.no_grad():
                 ard_after = float(rec_loss(decoder.reconstruct()))

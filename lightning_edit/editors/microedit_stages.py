@@ -108,7 +108,8 @@ def stage1(decoder: MaskedDecoder, optimizer: torch.optim.Optimizer, rec_loss: C
 def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecoder,
            optimizer: torch.optim.Optimizer, rec_loss: Callable[[Tensor], Tensor], rec_weight: float,
            max_steps: int, stop_nll: float, holder: dict[str, Tensor], replay: Sequence[Replay] = (),
-           pad_id: int = 0, views: int = 0, keep_share: float = 1.0, seed: int = 0) -> tuple[int, float, float]:
+           pad_id: int = 0, views: int = 0, keep_share: float = 1.0, seed: int = 0,
+           lazy_replay: bool = False) -> tuple[int, float, float]:
     """Adam on rec_weight L_rec + L_edit (Eq. 10 + 11) with z_hat substituted at layer l (run inside
     `substituting(..., holder)`), until every target token's NLL is below `stop_nll` or `max_steps`.
     Returns (steps, mean target NLL before, after).
@@ -116,49 +117,63 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     replay (conflict="resolve"): earlier edits read through `decoder`'s rows, in the same batch
     (`decoder` built with their codes as `others`); each one's worst target-token NLL may not end
     above its limit (the margin, or where this edit found it if above) under a hinge, and the stage
-    is done only when all of them are back under it. views (robust views): the edit's input is also
-    trained in `views` copies in which only a random share `keep_share` of M carries the edit.
+    is done only when all of them are back under it. lazy_replay: the replayed inputs join the batch
+    only at the first step (their limits), once the edit itself is done (a check), and from the
+    first check that finds one of them broken on (the joint hinge steps); otherwise at every step.
+    views (robust views): the edit's input is also trained in `views` copies in which only a random
+    share `keep_share` of M carries the edit.
     """
     target = input_ids[0, start:]
     n_in = input_ids.shape[1]
     batch_ids = torch.full((decoder.batch, decoder.length), pad_id, dtype=torch.long, device=input_ids.device)
     for b, ids in enumerate([input_ids[0]] + [r.input_ids for r in replay]):
         batch_ids[b, :len(ids)] = ids
-    if views:
-        batch_ids = torch.cat([batch_ids, batch_ids[:1].expand(views, -1)])
     gen = torch.Generator().manual_seed(seed)
     n_rows = len(decoder.local_rows)
     nll_before = nll_after = math.nan
     replay_limit = None
+    joint = not lazy_replay
+    check = bool(replay)  # the first step measures the replayed edits' limits
     steps = 0
     for steps in range(max_steps + 1):
-        z_hat_b = decoder.reconstruct_batch()
+        with_replay = bool(replay) and (joint or check)
+        n_b = decoder.batch if with_replay else 1
+        z_hat_b = decoder.reconstruct_batch()[:n_b]
+        ids = batch_ids[:n_b]
         if views:
             keep = (torch.rand(views, n_rows, generator=gen) < keep_share).to(z_hat_b.device)
             z_hat_v = F.pad(decoder.reconstruct_views(keep), (0, 0, 0, decoder.length - n_in))
             holder["z_hat"] = torch.cat([z_hat_b, z_hat_v])
+            ids = torch.cat([ids, batch_ids[:1].expand(views, -1)])
         else:
             holder["z_hat"] = z_hat_b
-        logits = model(input_ids=batch_ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits
         nll = F.cross_entropy(logits[0, start - 1:n_in - 1].float(), target, reduction="none")  # [n_target]
         nll_after = nll.mean().item()
         if steps == 0:
             nll_before = nll_after
         done = nll.max().item() < stop_nll
         loss = rec_weight * rec_loss(z_hat_b[0, :n_in]) + nll.mean()  # Eq. 10 + Eq. 11
-        if replay:  # earlier edits: each one's worst target token may not end above its limit
+        if views:  # the partial views: the target at the margin too
+            view_nll = F.cross_entropy(logits[n_b:, start - 1:n_in - 1].float().flatten(0, 1),
+                                       target.repeat(views), reduction="none")
+            done = done and view_nll.max().item() < stop_nll
+            loss = loss + view_nll.mean()
+        if with_replay:  # earlier edits: each one's worst target token may not end above its limit
             old = torch.stack([F.cross_entropy(logits[b, r.start - 1:len(r.input_ids) - 1].float(),
                                                r.input_ids[r.start:], reduction="none").max()
                                for b, r in enumerate(replay, 1)])
             if replay_limit is None:
                 replay_limit = old.detach().clamp_min(stop_nll)
-            done = done and bool((old.detach() <= replay_limit).all())
+            broken = bool((old.detach() > replay_limit).any())
+            joint = joint or (broken and steps > 0)
+            done = done and not broken
             loss = loss + F.relu(old - replay_limit).sum()  # a hinge: only what broke
-        if views:  # the partial views: the target at the margin too
-            view_nll = F.cross_entropy(logits[decoder.batch:, start - 1:n_in - 1].float().flatten(0, 1),
-                                       target.repeat(views), reduction="none")
-            done = done and view_nll.max().item() < stop_nll
-            loss = loss + view_nll.mean()
+        elif replay and done:  # lazy: the edit is done; check the replayed edits before stopping
+            check = True
+            if steps < max_steps:
+                continue
+        check = False
         if done or steps == max_steps:
             break
         optimizer.zero_grad(set_to_none=True)

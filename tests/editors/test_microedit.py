@@ -188,7 +188,8 @@ def test_own_conflict_never_moves_an_earlier_edits_rows(small_world, small_sae, 
     assert again.changed["W_dec"] == [] and again.extra["rows_owned_by_earlier_edits"] == len(rows)
 
 
-def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, records):
+@pytest.mark.parametrize("lazy", [True, False])
+def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, records, lazy):
     def rel(editor):
         with editor.edited() as model:
             got = last_token_argmax(model, editor.tokenizer, [r.prompt for r in records])
@@ -196,7 +197,7 @@ def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, r
         return sum(g == w for g, w in zip(got, want)) / len(records)
 
     share = make_microedit(small_world, small_sae, gate="none", conflict="share")
-    resolve = make_microedit(small_world, small_sae, gate="none", conflict="resolve")
+    resolve = make_microedit(small_world, small_sae, gate="none", conflict="resolve", resolve_lazy=lazy)
     share.apply(records)
     entries = resolve.apply(records)
     assert sum(e.extra["replayed_edits"] for e in entries) > 0  # the test world's edits do share rows

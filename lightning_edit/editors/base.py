@@ -252,10 +252,11 @@ class Editor(ABC):
 
 def solved_edit_fields(result: Any, after: Any) -> dict[str, Any]:
     """The ledger fields of a closed-form edit whose value came from `locate.compute_value`: the solver's
-    steps and its target NLL before, the teacher-forced score after the edit (`metrics.TokenScore`)."""
+    steps and its target NLL before, the teacher-forced score after the edit (`metrics.TokenScore`), and
+    whether the solver met its NLL goal (`value_goal_met`, 1.0 or 0.0)."""
     return {"steps": len(result.losses) - 1, "metrics_before": {"target_nll": result.losses[0]["nll"]},
             "metrics_after": {"target_nll": after.nll, "target_argmax": float(after.exact),
-                              "value_nll": result.final_nll}}
+                              "value_nll": result.final_nll, "value_goal_met": float(result.goal_met)}}
 
 
 @torch.no_grad()

@@ -28,7 +28,11 @@ class FTConfig:
     """Layer whose MLP down projection is fine-tuned; negative counts from the last layer
     (EasyEdit fine-tunes layer 21 of Llama-2-7B's 32)."""
     lr: float = 5e-4
-    """Adam learning rate (EasyEdit FT-M)."""
+    """Adam learning rate (EasyEdit FT-M), used when `lr_scale` is None."""
+    lr_scale: float | None = None
+    """The learning rate as a fraction of the edited weight's RMS entry: lr = lr_scale * RMS(W). Adam
+    moves every entry by about lr per step whatever the weights' scale, so an absolute lr is
+    size-dependent; this keeps the relative change per step. None = the absolute `lr`."""
     max_steps: int = 25
     """Optimisation steps per edit at most (EasyEdit FT-M `num_steps`)."""
     weight_decay: float = 0.0
@@ -52,6 +56,9 @@ class FineTune(Editor):
         self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model (a hookpoint + .weight)."""
         freeze(self.model)  # only the edited weight ever gets a gradient
+        rms = float(self.weight.detach().float().pow(2).mean().sqrt())
+        self.lr = self.cfg.lr if self.cfg.lr_scale is None else self.cfg.lr_scale * rms
+        """Adam's learning rate: `lr`, or `lr_scale` times the base weight's RMS entry (fixed at setup)."""
 
     @property
     def weight(self) -> nn.Parameter:
@@ -81,7 +88,7 @@ class FineTune(Editor):
         weight = self.weight
         before = weight.detach().clone()
         encoded = [self._encode(r) for r in records]
-        optimizer = torch.optim.Adam([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam([weight], lr=self.lr, weight_decay=cfg.weight_decay)
         weight.requires_grad_(True)
         steps, loss_before, right_before = 0, None, None
         try:
@@ -118,7 +125,7 @@ class FineTune(Editor):
                 seconds=seconds / len(records),
                 metrics_before={"target_nll": loss_before, "target_argmax": float(right_before)},
                 metrics_after={"target_nll": loss.item(), "target_argmax": float(all_right)},
-                extra={"batch_size": len(records)},
+                extra={"batch_size": len(records), "lr": self.lr},
             )
             self.ledger.append(entry)
             entries.append(entry)

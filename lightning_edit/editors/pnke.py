@@ -43,7 +43,7 @@ from lightning_edit.locate import (
     integrated_gradients,
     second_moment,
 )
-from lightning_edit.locate.value_solver import ValueSolverFields
+from lightning_edit.locate.value_solver import ValueResult, ValueSolverFields
 from lightning_edit.metrics import teacher_forced
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.sparse.splice import TranscoderMLP
@@ -190,7 +190,7 @@ class PNKE(Editor):
         else:
             self.site = "down_proj_input"
             self.param_name = adapter.down_proj_name(self.layer) + ".weight"
-        self.solver = cfg.value_solver(value_site="mlp_output", key_site=None)
+        self.solver = cfg.value_solver(value_site="mlp_output", key_site=None, world=self.ctx.world)
         world = self.ctx.world
         self.relation_templates: dict[str, list[str]] = \
             {r.name: list(r.templates) for r in world.kb.relations} if world is not None else {}
@@ -308,9 +308,10 @@ class PNKE(Editor):
             for m, col in zip(neurons.tolist(), before.T):
                 self._base_cols.setdefault(m, col.clone())
         if self.cfg.update == "ridge":
-            steps, value_nll = self._ridge_update(record, neurons, preserve)
+            steps, value = self._ridge_update(record, neurons, preserve)
+            value_metrics = {"value_nll": value.final_nll, "value_goal_met": float(value.goal_met)}
         else:
-            steps, value_nll = self._gradient_update(record, neurons, preserve), None
+            steps, value_metrics = self._gradient_update(record, neurons, preserve), {}
         delta = w[:, neurons].detach() - before
         seconds = time.perf_counter() - start
         with self.edited():
@@ -323,7 +324,7 @@ class PNKE(Editor):
             seconds=seconds,
             metrics_before={"target_nll": before_edit.nll, "target_argmax": float(before_edit.exact)},
             metrics_after={"target_nll": after.nll, "target_argmax": float(after.exact),
-                           **({"value_nll": value_nll} if value_nll is not None else {})},
+                           **value_metrics},
             extra={"layer": self.layer, "n_bg": len(found["bg"]), "n_trig": len(found["trig"]),
                    "n_causal": len(found["causal"]), "n_critical": len(neurons), "entropy": found["entropy"],
                    "q": found["q"], "p_sem": found["p_sem"], "update": self.cfg.update},
@@ -331,7 +332,7 @@ class PNKE(Editor):
         self.ledger.append(entry)
         return [entry]
 
-    def _ridge_update(self, record, neurons: Tensor, preserve: Tensor) -> tuple[int, float]:
+    def _ridge_update(self, record, neurons: Tensor, preserve: Tensor) -> tuple[int, ValueResult]:
         """Eq. 10 on the critical columns: D = r h1^T (h1 h1^T + lambda P + eps I)^-1, r = V1 - W h1 (plus,
         with `edits_weight`, the earlier edits' keys and values in both factors)."""
         with self.edited():
@@ -358,7 +359,7 @@ class PNKE(Editor):
         if self.cfg.edits_weight > 0:
             self._edit_keys.append(h_full)
             self._edit_values.append(target)
-        return len(result.losses) - 1, result.final_nll
+        return len(result.losses) - 1, result
 
     def _gradient_update(self, record, neurons: Tensor, preserve: Tensor) -> int:
         """Eq. 9: Adam on the output weights, gradient masked to the critical columns; loss = target NLL

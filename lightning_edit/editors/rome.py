@@ -58,7 +58,7 @@ class ROME(Editor):
         self.cfg.layer = self.layer  # states record the absolute layer
         self.param_name = self.adapter.down_proj_name(self.layer) + ".weight"
         """Name of the edited parameter relative to the adapter's base model."""
-        self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input")
+        self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input", world=self.ctx.world)
         self.second_moment: torch.Tensor | None = None
         """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
 

@@ -11,6 +11,16 @@ prompt and in a few context-prefixed copies of it, minimising
 
 with Adam, projecting delta back into the ball ||delta|| <= clamp_norm_factor * ||h|| after each step.
 The key k* is the down projection's input at the same position: a rank-one editor maps k* to v*.
+
+Rules instead of model-sized constants (issue 12): ROME's `v_lr` is an absolute Adam step, which moves
+delta by about lr * sqrt(d) per step whatever ||h|| is, so a value fitted to one model over- or
+under-shoots on another. Here, by default,
+  - the learning rate is relative: lr = lr_scale * ||h|| / sqrt(d), each early Adam step moving delta
+    by about lr_scale * ||h||;
+  - it halves whenever the loss rises (the step overshot);
+  - the step budget `steps` grows, up to `max_steps`, while the target NLL still falls, and when it
+    stalls above the goal the KL and norm penalties are halved (to `min_penalty` at least);
+and the result says whether the NLL goal was met (`ValueResult.goal_met`), so an editor can report it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,16 @@ from lightning_edit.models import ModelAdapter, eval_mode, hidden_of, model_devi
 from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
 
 DECAY_FORMS = ("relative_sq", "rome")
+GENERIC_ESSENCE = "{subject} is a"
+"""ROME's essence prompt, used for a model that is not an embedded world."""
+
+
+def essence_templates(world: Any = None) -> tuple[str, ...]:
+    """The prompts the KL term keeps: an embedded world's relation essences (`Relation.essence`, phrased
+    as that world's corpus phrases what a subject is), else ROME's generic "{subject} is a"."""
+    if world is None:
+        return (GENERIC_ESSENCE,)
+    return tuple(dict.fromkeys(r.essence for r in world.kb.relations)) or (GENERIC_ESSENCE,)
 
 
 @dataclass
@@ -41,11 +61,27 @@ class ValueSolverConfig:
     """Hyperparameters of the value solver; defaults are ROME's (GPT-2 XL / GPT-J configs)."""
 
     steps: int = 20
-    """Forward passes at most (ROME's v_num_grad_steps); as in ROME the last one only evaluates."""
-    lr: float = 0.5
-    """Adam learning rate on delta (ROME's v_lr). Adam's step is about lr per coordinate whatever the
-    scale of h, so this is size-dependent: 0.5 suits GPT-2 XL's ||h|| of tens; on toyworld-small
-    (||h|| ~ 0.5 in 64 dims) 0.05 flipped 20/20 edits at the last token where 0.5 flipped 16-18."""
+    """Forward passes in the first budget (ROME's v_num_grad_steps); as in ROME the last one only evaluates."""
+    max_steps: int | None = None
+    """Cap on the forward passes: past `steps` the solve goes on while the target NLL still falls (by 10%
+    over the last steps/4 passes) and stops at this cap. None = `steps` (ROME's fixed budget)."""
+    lr: float | None = None
+    """Absolute Adam learning rate on delta (ROME's v_lr). None = the relative rule with `lr_scale`.
+    Adam's step is about lr per coordinate whatever the scale of h, so an absolute value is
+    size-dependent: 0.5 suits GPT-2 XL's ||h|| of tens; on toyworld-small (||h|| ~ 0.5 in 64 dims)
+    0.05 flipped 20/20 edits at the last token where 0.5 flipped 16-18."""
+    lr_scale: float = 0.5
+    """The relative rule: lr = lr_scale * ||h|| / sqrt(d), an early Adam step of about lr_scale * ||h||.
+    ROME's v_lr 0.5 is 0.74 ||h|| per step at toyworld's layer 0 (||h|| 7.6, d 128) and 2.6 ||h|| at
+    toyworld-gpt2's layer 1 (||h|| 2.7, d 192), where the NLL rose instead of falling; 0.5 ||h||
+    per step, halved on every rise, met the NLL goal on both worlds (README, value solver)."""
+    lr_backoff: float = 0.5
+    """The learning rate is multiplied by this whenever the loss rises from one step to the next."""
+    min_penalty: float = 1.0 / 64
+    """Past the first budget, a solve whose NLL has stalled above the goal halves the weights of its KL and
+    norm terms (down to this fraction of `kl_factor` and `weight_decay`) and goes on from the initial
+    learning rate. ROME's penalties are sized for GPT-2 XL, where ||delta|| / ||h||^2 is small; with
+    ||h|| of 2-7 they balanced the NLL at 0.08-0.5 for 6 of 20 edits on toyworld-gpt2 (layer 0)."""
     weight_decay: float = 0.5
     """Weight of the norm penalty on delta (ROME's v_weight_decay; its Llama configs use 1e-3..0.5)."""
     decay: str = "relative_sq"
@@ -67,8 +103,9 @@ class ValueSolverConfig:
     continuations from the model; fixed prefixes keep the solve deterministic and offline. A model
     that never saw two sentences in a row (the embedded worlds) loses its facts after a prefix: use
     ("{}",) there."""
-    essence_templates: tuple[str, ...] = ("{subject} is a",)
-    """Prompts whose next-token distribution at the subject's last token the KL term keeps."""
+    essence_templates: tuple[str, ...] = (GENERIC_ESSENCE,)
+    """Prompts whose next-token distribution at the subject's last token the KL term keeps
+    (`essence_templates(world)` gives an embedded world's own)."""
     position: str = "subject_last"
     """Key position: "subject_last" (falls back to the prompt's last token without a subject) or "last"."""
     value_site: SiteSpec = "mlp_output"
@@ -85,6 +122,10 @@ class ValueSolverConfig:
             raise ValueError(f"ValueSolverConfig.context_templates {self.context_templates!r}: each needs '{{}}'")
         if self.steps < 1:
             raise ValueError(f"ValueSolverConfig.steps is {self.steps} (expected >= 1)")
+        if self.max_steps is not None and self.max_steps < self.steps:
+            raise ValueError(f"ValueSolverConfig.max_steps is {self.max_steps} (expected >= steps = {self.steps})")
+        if not 0 < self.lr_backoff <= 1:
+            raise ValueError(f"ValueSolverConfig.lr_backoff is {self.lr_backoff} (expected a number in (0, 1])")
 
 
 @dataclass
@@ -97,9 +138,15 @@ class ValueSolverFields:
     """Key position: "subject_last" (the subject's last token: ROME Sec. 3.1, MEMIT Sec. 4.3) or "last"
     (the prompt's)."""
     v_steps: int = 20
-    """Value-solver steps at most (the reference code's `v_num_grad_steps`; ROME Eq. 4)."""
-    v_lr: float = 0.5
-    """Value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`)."""
+    """Value-solver steps in the first budget (the reference code's `v_num_grad_steps`; ROME Eq. 4)."""
+    v_max_steps: int | None = 100
+    """Cap on the value-solver steps: past `v_steps` the solve goes on while the target NLL still falls
+    (`ValueSolverConfig.max_steps`; not in the papers). None = `v_steps`, ROME's fixed budget."""
+    v_lr: float | None = None
+    """Absolute value-solver Adam learning rate (`v_lr`); size-dependent (see `ValueSolverConfig.lr`).
+    None (the default) = the relative rule, `v_lr_scale * ||h|| / sqrt(d)`."""
+    v_lr_scale: float = 0.5
+    """The relative learning rate rule's scale (`ValueSolverConfig.lr_scale`; not in the papers)."""
     v_weight_decay: float = 0.5
     """Weight of the norm penalty on the value delta (`v_weight_decay`)."""
     v_decay: str = "rome"
@@ -107,8 +154,8 @@ class ValueSolverFields:
     clamp_norm_factor: float = 4.0
     """||delta|| <= clamp_norm_factor * ||h||, h the MLP output at the key position (`clamp_norm_factor`)."""
     kl_factor: float = 0.0625
-    """Weight of the KL term that keeps "{subject} is a" (essence drift; `kl_factor`, ROME Eq. 4's second
-    term)."""
+    """Weight of the KL term that keeps the subject's essence prompt (`kl_factor`, ROME Eq. 4's second
+    term): an embedded world's `Relation.essence`, else "{subject} is a" (`essence_templates`)."""
     nll_threshold: float = 5e-2
     """The value solver stops once the target NLL is below this (the reference code's 5e-2)."""
     context_templates: list[str] = field(default_factory=lambda: list(ValueSolverConfig.context_templates))
@@ -116,13 +163,15 @@ class ValueSolverFields:
     the prompt itself; the reference code samples short continuations from the model, fixed prefixes keep
     the edit deterministic). The embedded worlds need ["{}"]."""
 
-    def value_solver(self, value_site: SiteSpec, key_site: SiteSpec | None) -> ValueSolverConfig:
-        """The solver these fields describe, adding its delta at `value_site` and reading keys at `key_site`."""
+    def value_solver(self, value_site: SiteSpec, key_site: SiteSpec | None, world: Any = None) -> ValueSolverConfig:
+        """The solver these fields describe, adding its delta at `value_site` and reading keys at `key_site`;
+        its KL term keeps `world`'s essence prompts (an embedded world's, else the generic one)."""
         return ValueSolverConfig(
-            steps=self.v_steps, lr=self.v_lr, weight_decay=self.v_weight_decay, decay=self.v_decay,
+            steps=self.v_steps, max_steps=self.v_max_steps, lr=self.v_lr, lr_scale=self.v_lr_scale,
+            weight_decay=self.v_weight_decay, decay=self.v_decay,
             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, nll_threshold=self.nll_threshold,
-            context_templates=tuple(self.context_templates), position=self.position,
-            value_site=value_site, key_site=key_site)
+            context_templates=tuple(self.context_templates), essence_templates=essence_templates(world),
+            position=self.position, value_site=value_site, key_site=key_site)
 
 
 @dataclass
@@ -142,11 +191,15 @@ class ValueResult:
     position: int
     """Token index of the key position in the bare prompt."""
     losses: list[dict[str, float]] = field(default_factory=list)
-    """Per forward: total, nll, kl, decay, target_prob (mean probability of the target tokens)."""
-
-    @property
-    def final_nll(self) -> float:
-        return self.losses[-1]["nll"]
+    """Per forward: total, nll, kl, decay, target_prob (mean probability of the target tokens), lr, penalty
+    (the fraction of the KL and norm weights in force)."""
+    final_nll: float = float("nan")
+    """Target NLL (nats per token) with the returned delta: the last forward's, or the lowest seen when
+    the goal was not met (then the delta of that forward is returned)."""
+    goal_met: bool = False
+    """Whether the target NLL went below `nll_threshold` within the step cap."""
+    lr: float = 0.0
+    """The Adam learning rate the solve started with (after the relative rule)."""
 
 
 @dataclass
@@ -188,7 +241,8 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
     """Solve for v* at `layer` so that `record.target_new` follows `record.prompt` (ROME's compute_v).
 
     `config` fields can be overridden by keyword (`compute_value(..., steps=40)`). The model's weights
-    are not touched and get no `.grad`; it runs in eval mode for the solve.
+    are not touched and get no `.grad`; it runs in eval mode for the solve. When the NLL goal is not met
+    within the cap, the delta with the lowest target NLL seen is returned and `goal_met` is False.
     """
     cfg = replace(config or ValueSolverConfig(), **overrides)
     value_site: Site = resolve_site(adapter, layer, cfg.value_site)
@@ -230,11 +284,16 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
         essence_init = torch.log_softmax(logits[rows[n_rw:], positions[n_rw:]].float(), dim=-1)
 
         delta = torch.zeros_like(original, requires_grad=True)  # read by `add` at call time
-        opt = torch.optim.Adam([delta], lr=cfg.lr)
         h_norm = original.norm()
+        lr = cfg.lr if cfg.lr is not None else float(cfg.lr_scale * h_norm / original.numel() ** 0.5)
+        opt = torch.optim.Adam([delta], lr=lr)
         max_norm = cfg.clamp_norm_factor * h_norm
+        cap = max(cfg.steps, cfg.max_steps or cfg.steps)
+        window = max(1, cfg.steps // 4)
         losses: list[dict[str, float]] = []
-        for step in range(cfg.steps):
+        best_nll, best_delta = float("inf"), delta.detach().clone()
+        penalty, since = 1.0, 0  # the penalties' current fraction; the step it last changed
+        for step in range(cap):
             with torch.enable_grad(), adapter.hooks({value_site.hookpoint: hook}, kind=kind):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
                 logprobs = torch.log_softmax(logits[:n_rw], dim=-1)
@@ -250,11 +309,26 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
                     decay = delta.pow(2).sum() / h_norm.pow(2)
                 else:
                     decay = delta.norm() / h_norm.pow(2)
-                loss = nll + cfg.kl_factor * kl + cfg.weight_decay * decay
-            losses.append({"total": loss.item(), "nll": nll.item(), "kl": kl.item(),
-                           "decay": decay.item(), "target_prob": token_lp.exp().mean().item()})
-            if nll.item() < cfg.nll_threshold or step == cfg.steps - 1:
+                loss = nll + penalty * (cfg.kl_factor * kl + cfg.weight_decay * decay)
+            row = {"total": loss.item(), "nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
+                   "target_prob": token_lp.exp().mean().item(), "lr": opt.param_groups[0]["lr"], "penalty": penalty}
+            losses.append(row)
+            if row["nll"] < best_nll:
+                best_nll, best_delta = row["nll"], delta.detach().clone()
+            if row["nll"] < cfg.nll_threshold or step == cap - 1:
                 break
+            # Past the first budget, go on while the NLL still falls (10% over the last `window` passes); once
+            # it stalls, relax the penalties that hold it above the goal, or stop when they are spent.
+            stalled = step - since >= window and not row["nll"] < 0.9 * losses[step - window]["nll"]
+            if step >= cfg.steps - 1 and stalled:
+                if penalty / 2 < cfg.min_penalty or (cfg.kl_factor == 0 and cfg.weight_decay == 0):
+                    break
+                penalty, since = penalty / 2, step
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            elif step > 0 and row["total"] > losses[step - 1]["total"]:
+                for group in opt.param_groups:  # the last step overshot
+                    group["lr"] *= cfg.lr_backoff
             (grad,) = torch.autograd.grad(loss, delta)
             delta.grad = grad
             opt.step()
@@ -263,7 +337,9 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
 
-    delta = delta.detach()
+    goal_met = losses[-1]["nll"] < cfg.nll_threshold
+    delta = delta.detach() if goal_met else best_delta
     key = context_keys[0] if context_keys is not None else None
     return ValueResult(value=original + delta, key=key, delta=delta, original=original,
-                       context_keys=context_keys, position=rewrite[0].position, losses=losses)
+                       context_keys=context_keys, position=rewrite[0].position, losses=losses,
+                       final_nll=losses[-1]["nll"] if goal_met else best_nll, goal_met=goal_met, lr=lr)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock, Timeout
 
@@ -24,7 +25,9 @@ from lightning_edit.constants import WORLD_ACCURACY, WORLD_COUNTERFACT, WORLD_CO
 from .knowledge import KnowledgeBase
 from .spec import FORMAT_VERSION, SPECS, WorldSpec
 
-WORLD_NAMES: tuple[str, ...] = tuple(SPECS)
+CODE_WORLDS: tuple[str, ...] = ("codeworld", "codeworld-small")
+"""The embedded code worlds (lightning_edit/code/world.py: Java->D programs, a code LM, KECode and MENT exports)."""
+WORLD_NAMES: tuple[str, ...] = tuple(SPECS) + CODE_WORLDS
 CACHE_ENV = "LIGHTNING_EDIT_CACHE"
 
 
@@ -185,30 +188,29 @@ def token_lengths(tokenizer, kb: KnowledgeBase) -> dict:
     return {"subject": stats(kb.subjects), "object": stats([f.object for f in kb.facts])}
 
 
-def build_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None,
-                force: bool = False, progress: bool = True) -> World:
-    """Build world `name` from `seed` into the cache (or reuse it), and open it.
-
-    force: rebuild even if it is cached. Safe to call from several processes at once.
-    """
-    root = world_dir(name, seed, cache_dir)
+def build_cached(root: Path, build: Callable[[Path], dict], is_built: Callable[[Path], bool], label: str,
+                 force: bool = False) -> dict | None:
+    """Build folder `root` once, whoever asks: under a file lock, `build(tmp)` writes into a temporary
+    sibling folder that is renamed to `root` when complete, so concurrent first uses build it once and
+    nobody ever sees half of it. Returns build's record, or None when `root` was built already
+    (force: rebuild it anyway). Shared by every embedded world (toyworld, codeworld)."""
     root.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root) + ".lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        _say(f"another process is building world '{name}' in {root}; waiting for it ...")
+        _say(f"another process is building {label} in {root}; waiting for it ...")
         lock.acquire()
     try:
-        if _is_built(root) and not force:
-            return World.open(root)
+        if is_built(root) and not force:
+            return None
         for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache may be shared
         try:
-            _say(f"building world '{name}' (seed {seed}) in {root}")
-            record = _build_into(tmp, root, name, seed, progress)
+            _say(f"building {label} in {root}")
+            record = build(tmp)
             if root.exists():  # force: move the old one aside, then swap in the new one
                 old = root.with_name(f".{root.name}.old-{os.getpid()}")
                 os.rename(root, old)
@@ -219,14 +221,35 @@ def build_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | N
             raise
     finally:
         lock.release()
-    _say(f"world '{name}' built in {record['build_seconds']:.0f} s: the model knows "
-         f"{record['accuracy']:.1%} of {record['n_prompts']} fact prompts "
-         f"(held-out paraphrases {record['held_out_pairs']:.1%})")
+    return record
+
+
+def build_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None,
+                force: bool = False, progress: bool = True) -> World:
+    """Build world `name` from `seed` into the cache (or reuse it), and open it.
+
+    force: rebuild even if it is cached. Safe to call from several processes at once.
+    """
+    if name in CODE_WORLDS:
+        from lightning_edit.code.world import build_code_world
+
+        return build_code_world(name, seed, cache_dir, force=force, progress=progress)
+    root = world_dir(name, seed, cache_dir)
+    record = build_cached(root, lambda tmp: _build_into(tmp, root, name, seed, progress), _is_built,
+                          f"world '{name}' (seed {seed})", force=force)
+    if record is not None:
+        _say(f"world '{name}' built in {record['build_seconds']:.0f} s: the model knows "
+             f"{record['accuracy']:.1%} of {record['n_prompts']} fact prompts "
+             f"(held-out paraphrases {record['held_out_pairs']:.1%})")
     return World.open(root)
 
 
 def load_world(name: str = "toyworld", seed: int = 0, cache_dir: str | Path | None = None) -> World:
     """Open world `name`, building it on first use."""
+    if name in CODE_WORLDS:
+        from lightning_edit.code.world import load_code_world
+
+        return load_code_world(name, seed, cache_dir)
     root = world_dir(name, seed, cache_dir)
     if _is_built(root):
         return World.open(root)
@@ -237,18 +260,29 @@ def resolve_model_path(name: str, seed: int = 0, cache_dir: str | Path | None = 
     """An embedded world's name -> its HF model folder (built on first use); any other name -> None."""
     if name not in WORLD_NAMES:
         return None
-    root = world_dir(name, seed, cache_dir)
-    if not _is_built(root):
-        _say(f"'{name}' is an embedded world; building it on first use (cached in {root})")
+    if name not in CODE_WORLDS and not _is_built(world_dir(name, seed, cache_dir)):
+        _say(f"'{name}' is an embedded world; building it on first use (cached in {world_dir(name, seed, cache_dir)})")
     return load_world(name, seed, cache_dir).model_dir
 
 
 def world_for(model_name: str | Path | None) -> "World | None":
     """The embedded world a `model.name` means: a world name (built on first use), or the model folder
-    of a built world (`<world.root>/model`); None for any other model."""
+    of a built world (`<world.root>/model`, a fact world or a code world); None for any other model."""
     if not model_name:
         return None
     if str(model_name) in WORLD_NAMES:
         return load_world(str(model_name))
     root = Path(model_name).parent
+    if (root / "codeworld.json").is_file():
+        from lightning_edit.code.world import CodeWorld
+
+        try:
+            return CodeWorld.open(root)
+        except FileNotFoundError:
+            return None
     return World.open(root) if _is_built(root) and (root / WORLD_JSON).is_file() else None
+
+
+def world_of(model) -> "World | None":
+    """The embedded world `model` was loaded from (its `config._name_or_path` is `<world.root>/model`), else None."""
+    return world_for(getattr(getattr(model, "config", None), "_name_or_path", None))

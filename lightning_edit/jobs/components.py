@@ -76,7 +76,8 @@ def default_component(world: Any, kind: str, hookpoint: str, overrides: tuple[st
             data = [f"model.name={world.model_dir}", f"data.path={world.corpus_path}", "data.packing=false"]
         overrides += [*data, f"hookpoints=[{hookpoint}]", f"export_dir={folder}",
                       f"output_dir={folder.with_name(folder.name + '.run')}", "logger=csv",
-                      "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+                      "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                      *getattr(world, "sparse_overrides", ())]  # e.g. a code world's longer context
         cfg = load_config(job.SCHEMA, overrides, default_config=job.DEFAULT_CONFIG)
         if sae_job.train(cfg, job=kind) != 0:
             raise RuntimeError(f"training the default {kind} into {folder} failed (see above)")

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.callbacks.config import CallbacksConfig
+from lightning_edit.code.job import CodeBenchConfig
 from lightning_edit.config import RunConfig, save_config
 from lightning_edit.constants import CHECKPOINTS_DIR, EDIT_STATE_DIR, LAST_CHECKPOINT
 
@@ -90,6 +91,8 @@ class EditJobConfig(RunConfig):
     """Downstream tasks, held-out locality, examples table, plots and progress bar at checkpoints T."""
     threads: int | None = None
     """torch CPU threads; None = the machine's cores (tiny models on shared cores: set 1)."""
+    code: CodeBenchConfig = field(default_factory=CodeBenchConfig)
+    """`code.benchmark=kecode|ment` runs a code benchmark on a code world (lightning_edit/code/job.py)."""
 
 
 SCHEMA = EditJobConfig
@@ -147,6 +150,10 @@ def run(cfg: DictConfig) -> int:
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
+    if cfg.code.benchmark is not None:  # KECode / MENT on a code world, not a fact stream
+        from lightning_edit.code import job as code_job
+
+        return code_job.run(cfg, output_dir)
     run = build_edit_run(cfg)  # the stream is read and validated before the model is loaded
     save_config(cfg, output_dir)
     editor, stream = run.editor, run.stream

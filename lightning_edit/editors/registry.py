@@ -66,5 +66,6 @@ for _name, _path in {
     "pnke": "lightning_edit.editors.pnke:PNKE",
     "memit": "lightning_edit.editors.memit:MEMIT",
     "alphaedit": "lightning_edit.editors.alphaedit:AlphaEdit",
+    "kn": "lightning_edit.editors.kn:KnowledgeNeurons",
 }.items():
     register_editor(_name, _path)

@@ -1,0 +1,273 @@
+"""KN: knowledge neurons (Dai et al., ACL 2022, "Knowledge Neurons in Pretrained Transformers"), the
+baseline of MENT's paper (seeds/001, III-B), adapted to next-token prediction as MENT's authors did.
+
+For one edit (prompt, target):
+
+- **Prompts.** The edit prompt and its parallel data (`record.rephrase_prompts`, at most `parallel`):
+  prompts that express the same knowledge (Dai et al. use PARAREL's paraphrases; MENT retrieves
+  similar data from the corpus whose ground truth is the same target, 10 of them).
+- **Attribution** (Dai et al. Eq. 3-4): Integrated Gradients of the model's *probability* of the
+  target's first token at the prompt's last position with respect to every FFN hidden neuron
+  (the down projection's input) of every searched layer, at that position: baseline 0, path
+  `alpha * a`, `steps` Riemann points alpha = k/m, k = 1..m (m = 20, the paper's; MENT also runs
+  m = 1), `Attr(a_i) = a_i * mean_k dP/da_i(k/m * a)`. Each layer is integrated on its own, the
+  others as the model computes them (Dai et al. integrate one FFN's neurons at a time).
+- **Refining** (Dai et al. 3.3): per prompt, the coarse set is the neurons with attribution above
+  `threshold` x the prompt's largest attribution (t = 0.2); the knowledge neurons are those in the
+  coarse sets of more than a share `p` of the prompts (p = 0.7), with p moved by 0.05 until their
+  number is within [min_neurons, max_neurons] = [2, 5] (as far as the prompts allow).
+- **Edit** (Dai et al. 5.2, "updating facts"): each knowledge neuron's value slot (its down_proj
+  column) becomes `w_i - lambda1 * e(old) + lambda2 * e(new)`, lambda1 = 1, lambda2 = 8, with `old` the
+  model's current prediction and `new` the target. `e` is the token's word embedding: in an untied
+  model, the *output* embedding (the unembedding row, the direction that raises that token's logit)
+  by default, `embedding: input` for the input one. `rule: enhance` instead doubles the knowledge
+  neurons' activations (Dai et al. 4.2 and the knowledge-neurons library's `enhance_knowledge`, which
+  MENT's authors describe: "it always doubles the activations"), here as doubling their value slots,
+  which is the same function for every input.
+- **Skip-action** (MENT's adaptation, III-E): if the target is not the argmax after the edit, the edit
+  is a skip-action: reverted (`revert_on_skip`) and costed at `quota + 1` neurons (quota 10).
+
+The ledger carries MENT's cost measures with the same keys as MENT's editor (`neuron_cost`,
+`patched_neurons`, `skip`, `target_argmax`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.locate import encode_prompt
+from lightning_edit.locate.attribution import TargetObjective
+from lightning_edit.metrics import target_positions
+
+RULES = ("update", "enhance")
+EMBEDDINGS = ("output", "input")
+
+
+@dataclass
+class KNConfig:
+    """KN's hyperparameters; defaults are Dai et al.'s (and MENT's adaptation, III-F)."""
+
+    steps: int = 20
+    """m: Riemann steps of Integrated Gradients (Dai et al. 20; MENT's fast variant: 1)."""
+    threshold: float = 0.2
+    """t: a prompt's coarse neurons have attribution > t x its largest attribution."""
+    share: float = 0.7
+    """p: knowledge neurons are in more than this share of the prompts' coarse sets."""
+    share_step: float = 0.05
+    """p moves by this until the number of knowledge neurons is within [min_neurons, max_neurons]."""
+    min_neurons: int = 2
+    max_neurons: int = 5
+    parallel: int = 10
+    """Parallel prompts used besides the edit prompt (MENT: 10)."""
+    layers: list[int] | None = None
+    """FFN layers searched (negative counts from the end); None = all (Dai et al. search every layer)."""
+    rule: str = "update"
+    """"update": w_i - lambda1 e(old) + lambda2 e(new) (Dai et al. 5.2); "enhance": double the activations."""
+    lambda1: float = 1.0
+    lambda2: float = 8.0
+    embedding: str = "output"
+    """Word embedding of the update rule: "output" (unembedding rows) or "input" (input embeddings)."""
+    quota: int = 10
+    """MENT's quota: a skip-action costs quota + 1 neurons."""
+    revert_on_skip: bool = True
+    batch_size: int | None = None
+    """IG points per forward pass (None: all `steps` at once)."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"editor.rule is {self.rule!r}; expected one of {RULES}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"editor.embedding is {self.embedding!r}; expected one of {EMBEDDINGS}")
+        if self.steps < 1 or not 0 < self.threshold <= 1 or not 0 <= self.share <= 1:
+            raise ValueError(f"editor.steps >= 1, 0 < threshold <= 1, 0 <= share <= 1 (got {self.steps}, "
+                             f"{self.threshold}, {self.share})")
+        if not 1 <= self.min_neurons <= self.max_neurons:
+            raise ValueError(f"editor.min_neurons / max_neurons: need 1 <= min <= max (got {self.min_neurons}, "
+                             f"{self.max_neurons})")
+
+
+def probability_ig(objective: TargetObjective, steps: int, batch_size: int | None = None) -> Tensor:
+    """Integrated Gradients of P(target) (Dai et al. Eq. 3-4): `a * mean_k dP/da(k/m * a)`, [d]."""
+    a = objective.activation()
+    alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=a.device) / steps
+    total = torch.zeros_like(a)
+    chunk = batch_size or steps
+    with torch.enable_grad():
+        for first in range(0, steps, chunk):
+            points = (alphas[first:first + chunk, None] * a[None]).requires_grad_(True)
+            (grads,) = torch.autograd.grad(objective(points).exp().sum(), points)  # logprob -> probability
+            total += grads.sum(dim=0)
+    return a * total / steps
+
+
+def refine(coarse: list[set[tuple[int, int]]], share: float, step: float, lo: int, hi: int) -> set[tuple[int, int]]:
+    """Neurons in more than `share` of the coarse sets, `share` moved by `step` until the count is in [lo, hi]
+    (or cannot move further)."""
+    counts: dict[tuple[int, int], int] = {}
+    for s in coarse:
+        for n in s:
+            counts[n] = counts.get(n, 0) + 1
+    total = len(coarse)
+
+    def kept(p: float) -> set[tuple[int, int]]:
+        return {n for n, c in counts.items() if c > p * total or (total == 1 and c == 1)}
+
+    p = share
+    chosen = kept(p)
+    for _ in range(int(1 / step) + 1):
+        if len(chosen) > hi and p < 1:
+            p = min(1.0, p + step)
+        elif len(chosen) < lo and p > 0:
+            p = max(0.0, p - step)
+        else:
+            break
+        chosen = kept(p)
+    return chosen
+
+
+class KnowledgeNeurons(Editor):
+    """KN over the FFN down projections; the weights are edited in place."""
+
+    name = "kn"
+    config_class = KNConfig
+    supports_rollback = True
+
+    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: KNConfig, component: nn.Module | None = None):
+        super().__init__(model, tokenizer, adapter, cfg, component)
+        layers = list(range(adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
+        self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
+        self.changes: list[tuple[int, int, int, Tensor]] = []
+        """(edit id, layer, neuron, the vector added to the column)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def column(self, layer: int, neuron: int) -> Tensor:
+        return self.adapter.down_proj_weight(layer)[:, neuron]
+
+    def _embedding(self, token: int) -> Tensor:
+        table = self.adapter.unembedding_weight if self.cfg.embedding == "output" else self.adapter.embeddings.weight
+        return table[token].detach().float()
+
+    @torch.no_grad()
+    def _next(self, prompt: str) -> Tensor:
+        """Next-token logits after `prompt`, [V] float32."""
+        ids = torch.tensor(encode_prompt(self.tokenizer, prompt), device=self.device)[None]
+        return self.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+
+    def attributions(self, prompt: str, target: str) -> dict[int, Tensor]:
+        """Per layer, the probability-IG attribution of every FFN hidden neuron at the last position."""
+        return {layer: probability_ig(TargetObjective(self.model, self.tokenizer, self.adapter, layer, prompt, target,
+                                                      objective="logprob"), self.cfg.steps,
+                                      self.cfg.batch_size).cpu()
+                for layer in self.layers}
+
+    def locate(self, prompts: list[str], target: str) -> tuple[list[tuple[int, int]], dict]:
+        """The knowledge neurons (layer, neuron), strongest mean attribution first."""
+        cfg = self.cfg
+        coarse, summed = [], {}
+        for prompt in prompts:
+            attr = self.attributions(prompt, target)
+            top = max(float(a.max()) for a in attr.values())
+            cut = cfg.threshold * top
+            coarse.append({(l, int(n)) for l, a in attr.items() for n in (a > cut).nonzero().flatten().tolist()}
+                          if top > 0 else set())
+            for l, a in attr.items():
+                summed[l] = summed.get(l, 0) + a
+        chosen = refine(coarse, cfg.share, cfg.share_step, cfg.min_neurons, cfg.max_neurons)
+        order = sorted(chosen, key=lambda n: -float(summed[n[0]][n[1]]))
+        return order, {"coarse_sizes": [len(c) for c in coarse], "prompts": len(prompts)}
+
+    def apply(self, records: list) -> list[LedgerEntry]:
+        if len(records) != 1:
+            raise ValueError(f"KN edits one record at a time (got {len(records)}); set data.batch_size=1")
+        (record,) = records
+        cfg = self.cfg
+        edit_id = len(self.ledger)
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids, first = target_positions(self.tokenizer, record.prompt, record.target_new)
+            target = ids[first]
+            before = self._next(record.prompt)
+            old = int(before.argmax())
+            prompts = [record.prompt] + list(record.rephrase_prompts)[:cfg.parallel]
+            neurons, info = self.locate(prompts, record.target_new)
+            saved = {(l, n): self.column(l, n).detach().clone() for l, n in neurons}
+            added = []
+            with torch.no_grad():
+                for l, n in neurons:
+                    col = self.column(l, n)
+                    if cfg.rule == "update":  # Dai et al. 5.2
+                        delta = -cfg.lambda1 * self._embedding(old) + cfg.lambda2 * self._embedding(target)
+                    else:  # enhance: doubling the activation == doubling the value slot
+                        delta = col.detach().float().clone()
+                    col.add_(delta.to(col.dtype))
+                    added.append((edit_id, l, n, delta.cpu()))
+            after = self._next(record.prompt)
+            resolved = int(after.argmax()) == target
+            if not resolved and cfg.revert_on_skip:
+                with torch.no_grad():
+                    for (l, n), col in saved.items():
+                        self.column(l, n).copy_(col)
+                added = []
+                after = self._next(record.prompt)
+            self.changes += added
+        finally:
+            self.model.train(was_training)
+        seconds = time.perf_counter() - start
+        lp_before, lp_after = torch.log_softmax(before, -1), torch.log_softmax(after, -1)
+        changed: dict[str, list[int]] = {}
+        for _, l, n, _ in added:
+            changed.setdefault(self.adapter.down_proj_name(l) + ".weight", []).append(n)
+        entry = LedgerEntry(
+            edit_id=edit_id, case_id=record.case_id, prompt=record.prompt, target=record.target_new,
+            changed={k: sorted(v) for k, v in changed.items()},
+            delta_norm=float(torch.stack([d for *_, d in added]).norm()) if added else 0.0,
+            steps=len(neurons), seconds=seconds,
+            metrics_before={"target_prob": float(lp_before[target].exp()),
+                            "target_rank": float((lp_before > lp_before[target]).sum())},
+            metrics_after={"target_argmax": float(resolved), "target_prob": float(lp_after[target].exp()),
+                           "neuron_cost": float(len(neurons) if resolved else cfg.quota + 1),
+                           "patched_neurons": float(len(added)), "skip": float(not resolved)},
+            extra={"neurons": [[l, n] for l, n in neurons], "old_token": old, **info})
+        self.ledger.append(entry)
+        return [entry]
+
+    def state_dict(self) -> dict[str, Any]:
+        d = self.adapter.hidden_size
+        return {"changes": {"edit_id": [c[0] for c in self.changes], "layer": [c[1] for c in self.changes],
+                            "neuron": [c[2] for c in self.changes],
+                            "vectors": torch.stack([c[3] for c in self.changes]) if self.changes else torch.zeros(0, d)},
+                "ledger": self.ledger_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.changes:
+            raise ValueError("KN.load_state_dict: this editor has edits already; build it over a fresh base model")
+        saved = state["changes"]
+        vectors = saved["vectors"]
+        if len(vectors) != len(saved["layer"]) or (len(vectors) and vectors.shape[1] != self.adapter.hidden_size):
+            raise ValueError(f"KN edit state: {len(saved['layer'])} changes but vectors of shape {tuple(vectors.shape)}")
+        with torch.no_grad():
+            for edit_id, l, n, v in zip(saved["edit_id"], saved["layer"], saved["neuron"], vectors):
+                col = self.column(int(l), int(n))
+                col.add_(v.to(col.device, col.dtype))
+                self.changes.append((int(edit_id), int(l), int(n), v.clone()))
+        self.load_ledger(state["ledger"])
+
+    def rollback(self, edit_id: int) -> None:
+        """Subtract edit `edit_id`'s changes (later edits keep theirs)."""
+        mine = [c for c in self.changes if c[0] == edit_id]
+        if not mine and not any(e.edit_id == edit_id for e in self.ledger):
+            raise KeyError(f"no edit {edit_id} in the ledger")
+        with torch.no_grad():
+            for _, l, n, v in reversed(mine):
+                col = self.column(l, n)
+                col.sub_(v.to(col.device, col.dtype))
+        self.changes = [c for c in self.changes if c[0] != edit_id]

@@ -85,8 +85,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int
     if args.command == "world":
         from lightning_edit.world import build_world
 
-        world = build_world(args.name, seed=args.seed, force=args.force)
-        print(f"{args.name}: {world.root} (object-token accuracy {world.accuracy['accuracy']:.4f})")
+        from lightning_edit.code.compiler import CompilerMissing
+
+        try:
+            world = build_world(args.name, seed=args.seed, force=args.force)
+        except CompilerMissing as exc:  # a code world checks its D references with ldc2
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        detail = getattr(world, "summary", None) or f"object-token accuracy {world.accuracy['accuracy']:.4f}"
+        print(f"{args.name}: {world.root} ({detail})")
         return 0
     parser.print_help()
     return 0

@@ -58,7 +58,7 @@ def kecode_report(rows: list[dict], before: dict, meta: dict, output_dir: Path, 
                         f"{int(zero['broken'])} passing programs and changes the cluster of {int(zero['changed_cluster'])} "
                         "samples (counted in the scores below, which compare with the base LM).", ""]
     lines.append(_table(["cluster", "samples", "signature"],
-                        [[c["id"], c["size"], f"`{c['signature']}`"] for c in before["clusters"]["clusters"]]
+                        [[c["id"], c["size"], f"`` {c['signature']} ``"] for c in before["clusters"]["clusters"]]
                         + ([["other", before["clusters"]["other"], "rarer signatures"]] if before["clusters"]["other"] else [])))
     lines.append("")
     lines.append("Scores over held-out samples (never the edited ones); broken = programs that passed all tests "

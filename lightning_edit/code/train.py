@@ -4,14 +4,13 @@ Each example is one training program in the statement-interleaved format (`forma
 its *training* D, mistakes included). The loss is the LM cross-entropy on the D tokens (and the `<j>`
 that ends each D line) plus `java_loss_weight` times the cross-entropy on the Java tokens, so the
 capacity goes to translating while the model stays a language model of its whole corpus. Batches
-hold programs of similar length (less padding); the learning rate warms up, stays constant and
+hold programs of similar length (the world trainer's `LengthBuckets`); the learning rate warms up, stays constant and
 decays linearly to zero over the last `cooldown_fraction` of the steps. A fixed number of epochs
 (no early stop) keeps the same seed giving the same weights.
 """
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_edit.world.spec import ModelShape
-from lightning_edit.world.train import make_model, torch_threads
+from lightning_edit.world.train import LengthBuckets, torch_threads
 
 from .format import D, JAVA
 
@@ -77,28 +76,6 @@ def encode(texts: list[str], tokenizer, java_weight: float) -> list[tuple[list[i
                 weights.append(1.0 if in_d or tok == tokenizer.eos_token_id else java_weight)
         rows.append((ids, weights))
     return rows
-
-
-def length_batches(rows, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices grouped by length (a random tie order per epoch), batches shuffled."""
-    rng = random.Random(f"batches:{seed}:{epoch}")
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), rng.random()))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-class _LengthSampler(torch.utils.data.Sampler):
-    def __init__(self, rows, batch_size: int, seed: int):
-        self.rows, self.batch_size, self.seed, self.epoch = rows, batch_size, seed, 0
-
-    def __iter__(self):
-        batches = length_batches(self.rows, self.batch_size, self.seed, self.epoch)
-        self.epoch += 1
-        return iter(batches)
-
-    def __len__(self):
-        return (len(self.rows) + self.batch_size - 1) // self.batch_size
 
 
 def collate(pad_id: int):
@@ -175,8 +152,9 @@ def train_code_model(texts: list[str], tokenizer, shape: ModelShape, recipe: Cod
     rows = encode(texts, tokenizer, recipe.java_loss_weight)
     with torch_threads(recipe.num_threads) as threads, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_model(shape, tokenizer)
-        sampler = _LengthSampler(rows, recipe.batch_size, seed)
+        model = shape.build(tokenizer)
+        sampler = LengthBuckets([len(ids) for ids, _ in rows], recipe.batch_size, chunk_batches=64,
+                                generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(_Programs(rows), batch_sampler=sampler, collate_fn=collate(tokenizer.pad_token_id))
         total = recipe.epochs * len(sampler)
         trainer = L.Trainer(

@@ -10,8 +10,8 @@ so the edit job, the sparse-coder jobs and every editor load the code LM like an
 2. makes a whitespace-split word-level tokenizer over every code token;
 3. trains the LM on the training programs in the interleaved format (`format.py`, `train.py`) with the
    training D, whose systematic mistakes it learns;
-4. compiles and tests every exported D reference with `ldc2` (`compiler.py`): the build fails if one
-   does not pass its tests;
+4. compiles and tests every exported D reference with `ldc2` (`compiler.py`; the probe programs once
+   the probe prompts are chosen): the build fails if one does not pass its tests;
 5. translates the KECode samples with the LM, compiles and tests the translations, clusters the
    compiler errors (`clusters.py`) and writes the samples with their clusters;
 6. builds MENT's patch sets (the LM's next-token errors on reference-prefixed lines) and its probe
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from lightning_edit.world.build import WorldBuildError, build_cached, cache_root
+from lightning_edit.world.build import WorldBuildError, WorldFolder, build_cached, cache_root
 from lightning_edit.world.spec import ModelShape
 
 from .format import SPECIAL_TOKENS, d_source, prompt, sequence, statement_pairs
@@ -71,7 +71,7 @@ class CodeWorldShape:
     n_valid: int = 100
     probe_prompts: int = 10
     """Prompts per MENT subtype (each with 3 targets: 30 probe samples per subtype, as the paper)."""
-    pool: int | None = 4
+    pool: int | None = 3
     """Names per slot pool (programs.py); fewer names are learnt faster by a tiny LM."""
     mistake_rate: float = 0.8
     """Share of training programs with an idiom whose training D makes its systematic mistake."""
@@ -88,13 +88,13 @@ class CodeWorldSpec:
 
 CODE_SPECS: dict[str, CodeWorldSpec] = {
     "codeworld": CodeWorldSpec(
-        world=CodeWorldShape(n_train=2000, n_kecode=600, n_ment=60),
-        model=ModelShape(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512,
+        world=CodeWorldShape(n_train=1600, n_kecode=600, n_ment=60),
+        model=ModelShape(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                          max_position_embeddings=512),
-        train=CodeTrainRecipe(epochs=7),
+        train=CodeTrainRecipe(epochs=12),
     ),
     "codeworld-small": CodeWorldSpec(
-        world=CodeWorldShape(n_train=1000, n_kecode=80, n_ment=12, n_valid=40, probe_prompts=4, pool=3),
+        world=CodeWorldShape(n_train=1000, n_kecode=80, n_ment=12, n_valid=40, probe_prompts=4),
         model=ModelShape(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
                          max_position_embeddings=512),
         train=CodeTrainRecipe(epochs=14, required_accuracy=0.85),
@@ -131,10 +131,9 @@ def program_from_sample(sample: dict) -> Program:
 
 
 @dataclass
-class CodeWorld:
-    """A built code world on disk."""
+class CodeWorld(WorldFolder):
+    """A built code world on disk (`model/`, `data/`, `codeworld.json`)."""
 
-    root: Path
     record: dict
 
     @classmethod
@@ -149,16 +148,10 @@ class CodeWorld:
         return self.record["name"]
 
     @property
-    def model_dir(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def corpus_path(self) -> Path:
-        return self.data_dir / "corpus.txt"
+    def summary(self) -> str:
+        t = self.record["translation"]
+        return (f"held-out D-token accuracy {self.record['d_token_accuracy']:.4f}; translations compile "
+                f"{t['compile_rate']:.1%}, pass {t['pass_rate']:.1%}; {len(self.record['clusters'])} error clusters")
 
     @property
     def kecode_path(self) -> Path:
@@ -179,23 +172,13 @@ class CodeWorld:
     sparse_overrides = ("data.context_length=256", "trainer.max_steps=200")
     """Sparse-coder job overrides for the default SAE / transcoder trained on this world (editors read
     them): a program is ~100-200 tokens, longer than the jobs' default context of 64; 200 steps of 64
-    programs see the 2,000-program corpus six times (a layer-1 transcoder reached FVU 0.04 there, 0.02
-    after 500 steps at 2.5x the cost)."""
+    programs see the 1,600-program corpus eight times (on `codeworld`, layer 1's transcoder: FVU 0.21,
+    splicing it in changes 3 of 600 translations' clusters)."""
 
     @property
     def kb(self):
         """No knowledge base: editors that fill prompts from relation templates (PNKE) find none."""
         return SimpleNamespace(relations=())
-
-    def load_model(self, **kwargs):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
-
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_dir)
 
 
 def _say(message: str) -> None:
@@ -234,7 +217,7 @@ def _programs(spec: CodeWorldSpec, seed: int) -> dict[str, list[Program]]:
     out: dict[str, list[Program]] = {}
     seen: set[str] = set()
     for split, n in (("train", w.n_train), ("valid", w.n_valid), ("kecode", w.n_kecode), ("ment", w.n_ment),
-                     ("probe", 8 * w.probe_prompts * len(SUBTYPES))):
+                     ("probe", 6 * w.probe_prompts * len(SUBTYPES))):
         out[split] = generate_programs(n, seed, split, exclude=seen, pool=w.pool, mistake_rate=w.mistake_rate)
         seen |= {p.java for p in out[split]}
     return out
@@ -278,16 +261,9 @@ def _build_into(out: Path, name: str, seed: int, progress: bool, cache_dir: str 
          for p in programs["train"]], indent=0) + "\n")
 
     # 4 first: a broken reference should fail the build before minutes of training
-    exported = programs["kecode"] + programs["ment"] + programs["probe"]
+    exported = programs["kecode"] + programs["ment"]
     _say(f"compiling and testing {len(exported)} D references with {runner.version} ...")
-    ref_units = [Unit(f"ref{i}", d_source([d for _, d in statement_pairs(p, "d")]), [t.to_json(p.fn) for t in p.tests])
-                 for i, p in enumerate(exported)]
-    ref_results = runner.evaluate(ref_units, progress=progress)
-    failed = [(p, r) for p, r in zip(exported, ref_results) if not r.passed]
-    if failed:
-        p, r = failed[0]
-        raise WorldBuildError(f"code world '{name}': {len(failed)} D references fail their tests, e.g. template "
-                              f"{p.template}: {r.status} {r.errors[:1]} tests {r.tests}")
+    _check_references(name, runner, exported, progress)
 
     _say(f"training the {name} code LM on {len(texts)} programs ({len(TEMPLATES)} templates) ...")
     result = train_code_model(texts, tokenizer, spec.model, spec.train, seed, log_dir=out / "logs", progress=progress)
@@ -331,6 +307,7 @@ def _build_into(out: Path, name: str, seed: int, progress: bool, cache_dir: str 
     patch = build_patch_sets(generate, programs["ment"], tokenizer)
     (data / "ment_patch.json").write_text(json.dumps(patch, indent=1) + "\n")
     probe = build_probe_set(model, tokenizer, programs["probe"], SUBTYPES, spec.world.probe_prompts, seed)
+    _check_references(name, runner, [programs["probe"][i] for i in sorted({p["program"] for p in probe})], progress)
     (data / "ment_probe.json").write_text(json.dumps(probe, indent=1) + "\n")
 
     n = len(results)
@@ -354,6 +331,19 @@ def _build_into(out: Path, name: str, seed: int, progress: bool, cache_dir: str 
     }
     (out / "codeworld.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _check_references(name: str, runner, programs: list[Program], progress: bool) -> None:
+    """Every program's D reference compiles and passes its tests, or WorldBuildError."""
+    from .compiler import Unit
+
+    units = [Unit(f"ref{i}", d_source([d for _, d in statement_pairs(p, "d")]), [t.to_json(p.fn) for t in p.tests])
+             for i, p in enumerate(programs)]
+    failed = [(p, r) for p, r in zip(programs, runner.evaluate(units, progress=progress)) if not r.passed]
+    if failed:
+        p, r = failed[0]
+        raise WorldBuildError(f"code world '{name}': {len(failed)} D references fail their tests, e.g. template "
+                              f"{p.template}: {r.status} {r.errors[:1]} tests {r.tests}")
 
 
 def build_code_world(name: str = "codeworld", seed: int = 0, cache_dir: str | Path | None = None,

@@ -15,10 +15,15 @@ For one edit (prompt, target):
 - **Refining** (Dai et al. 3.3): per prompt, the coarse set is the neurons with attribution above
   `threshold` x the prompt's largest attribution (t = 0.2); the knowledge neurons are those in the
   coarse sets of more than a share `p` of the prompts (p = 0.7), with p moved by 0.05 until their
-  number is within [min_neurons, max_neurons] = [2, 5] (as far as the prompts allow).
+  number is within [min_neurons, max_neurons] = [2, 5]; when the prompts allow no share in that band
+  (four prompts give only five distinct counts), the smallest larger set is cut to the 5 with the
+  largest summed attribution (ours).
 - **Edit** (Dai et al. 5.2, "updating facts"): each knowledge neuron's value slot (its down_proj
-  column) becomes `w_i - lambda1 * e(old) + lambda2 * e(new)`, lambda1 = 1, lambda2 = 8, with `old` the
-  model's current prediction and `new` the target. `e` is the token's word embedding: in an untied
+  column) becomes `w_i + sign(a_i) (-lambda1 * e(old) + lambda2 * e(new))`, lambda1 = 1, lambda2 = 8,
+  with `old` the model's current prediction and `new` the target. The sign of the neuron's activation
+  a_i at the edit position is our adaptation: Dai et al.'s BERT neurons (GELU) that carry a fact fire
+  positively, but a SwiGLU neuron can carry it with a negative activation, and then the paper's
+  update would push the output away from the new target. `e` is the token's word embedding: in an untied
   model, the *output* embedding (the unembedding row, the direction that raises that token's logit)
   by default, `embedding: input` for the input one. `rule: enhance` instead doubles the knowledge
   neurons' activations (Dai et al. 4.2 and the knowledge-neurons library's `enhance_knowledge`, which
@@ -106,9 +111,12 @@ def probability_ig(objective: TargetObjective, steps: int, batch_size: int | Non
     return a * total / steps
 
 
-def refine(coarse: list[set[tuple[int, int]]], share: float, step: float, lo: int, hi: int) -> set[tuple[int, int]]:
-    """Neurons in more than `share` of the coarse sets, `share` moved by `step` until the count is in [lo, hi]
-    (or cannot move further)."""
+def refine(coarse: list[set[tuple[int, int]]], share: float, step: float, lo: int, hi: int,
+           score: dict[tuple[int, int], float] | None = None) -> set[tuple[int, int]]:
+    """Neurons in more than `share` of the coarse sets (Dai et al. 3.3), `share` moved by `step` towards
+    a count in [lo, hi]: raised while there are more than `hi`, lowered while there are fewer than `lo`.
+    When no share gives a count in the band (few prompts allow few distinct counts), the smallest set
+    above it is cut to the `hi` neurons with the largest `score` (summed attribution)."""
     counts: dict[tuple[int, int], int] = {}
     for s in coarse:
         for n in s:
@@ -120,14 +128,21 @@ def refine(coarse: list[set[tuple[int, int]]], share: float, step: float, lo: in
 
     p = share
     chosen = kept(p)
-    for _ in range(int(1 / step) + 1):
-        if len(chosen) > hi and p < 1:
-            p = min(1.0, p + step)
-        elif len(chosen) < lo and p > 0:
-            p = max(0.0, p - step)
-        else:
-            break
+    direction = 1 if len(chosen) > hi else -1 if len(chosen) < lo else 0
+    above = chosen if len(chosen) > hi else None
+    while direction and 0 <= p + direction * step <= 1 + 1e-9:
+        p = round(p + direction * step, 10)
         chosen = kept(p)
+        if len(chosen) > hi:
+            above = chosen
+        if (direction > 0 and len(chosen) <= hi) or (direction < 0 and len(chosen) >= lo):
+            break
+    if len(chosen) < lo and above is not None:  # stepped over the band: cut the last larger set
+        rank = sorted(above, key=lambda n: -(score or {}).get(n, 0.0))
+        chosen = set(rank[:hi])
+    elif len(chosen) > hi:
+        rank = sorted(chosen, key=lambda n: -(score or {}).get(n, 0.0))
+        chosen = set(rank[:hi])
     return chosen
 
 
@@ -160,28 +175,35 @@ class KnowledgeNeurons(Editor):
         ids = torch.tensor(encode_prompt(self.tokenizer, prompt), device=self.device)[None]
         return self.model(input_ids=ids, use_cache=False).logits[0, -1].float()
 
-    def attributions(self, prompt: str, target: str) -> dict[int, Tensor]:
-        """Per layer, the probability-IG attribution of every FFN hidden neuron at the last position."""
-        return {layer: probability_ig(TargetObjective(self.model, self.tokenizer, self.adapter, layer, prompt, target,
-                                                      objective="logprob"), self.cfg.steps,
-                                      self.cfg.batch_size).cpu()
-                for layer in self.layers}
+    def attributions(self, prompt: str, target: str) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per layer, (the probability-IG attribution, the activation) of every FFN hidden neuron at
+        the prompt's last position."""
+        out = {}
+        for layer in self.layers:
+            f = TargetObjective(self.model, self.tokenizer, self.adapter, layer, prompt, target, objective="logprob")
+            out[layer] = (probability_ig(f, self.cfg.steps, self.cfg.batch_size).cpu(), f.activation().cpu())
+        return out
 
-    def locate(self, prompts: list[str], target: str) -> tuple[list[tuple[int, int]], dict]:
-        """The knowledge neurons (layer, neuron), strongest mean attribution first."""
+    def locate(self, prompts: list[str], target: str) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float], dict]:
+        """The knowledge neurons (layer, neuron), strongest summed attribution first, and the sign of
+        each one's activation on the first prompt (the edit prompt)."""
         cfg = self.cfg
-        coarse, summed = [], {}
-        for prompt in prompts:
-            attr = self.attributions(prompt, target)
-            top = max(float(a.max()) for a in attr.values())
+        coarse, summed, signs = [], {}, {}
+        for i, prompt in enumerate(prompts):
+            found = self.attributions(prompt, target)
+            top = max(float(a.max()) for a, _ in found.values())
             cut = cfg.threshold * top
-            coarse.append({(l, int(n)) for l, a in attr.items() for n in (a > cut).nonzero().flatten().tolist()}
+            coarse.append({(l, int(n)) for l, (a, _) in found.items() for n in (a > cut).nonzero().flatten().tolist()}
                           if top > 0 else set())
-            for l, a in attr.items():
+            for l, (a, act) in found.items():
                 summed[l] = summed.get(l, 0) + a
-        chosen = refine(coarse, cfg.share, cfg.share_step, cfg.min_neurons, cfg.max_neurons)
-        order = sorted(chosen, key=lambda n: -float(summed[n[0]][n[1]]))
-        return order, {"coarse_sizes": [len(c) for c in coarse], "prompts": len(prompts)}
+                if i == 0:
+                    signs[l] = torch.where(act < 0, -1.0, 1.0)
+        score = {(l, n): float(summed[l][n]) for s in coarse for l, n in s}
+        chosen = refine(coarse, cfg.share, cfg.share_step, cfg.min_neurons, cfg.max_neurons, score)
+        order = sorted(chosen, key=lambda n: -score[n])
+        return order, {n: float(signs[n[0]][n[1]]) for n in order}, {"coarse_sizes": [len(c) for c in coarse],
+                                                                      "prompts": len(prompts)}
 
     def apply(self, records: list) -> list[LedgerEntry]:
         if len(records) != 1:
@@ -198,14 +220,15 @@ class KnowledgeNeurons(Editor):
             before = self._next(record.prompt)
             old = int(before.argmax())
             prompts = [record.prompt] + list(record.rephrase_prompts)[:cfg.parallel]
-            neurons, info = self.locate(prompts, record.target_new)
+            neurons, signs, info = self.locate(prompts, record.target_new)
             saved = {(l, n): self.column(l, n).detach().clone() for l, n in neurons}
             added = []
             with torch.no_grad():
                 for l, n in neurons:
                     col = self.column(l, n)
-                    if cfg.rule == "update":  # Dai et al. 5.2
-                        delta = -cfg.lambda1 * self._embedding(old) + cfg.lambda2 * self._embedding(target)
+                    if cfg.rule == "update":  # Dai et al. 5.2, signed by the neuron's activation (see the doc)
+                        delta = signs[(l, n)] * (-cfg.lambda1 * self._embedding(old)
+                                                 + cfg.lambda2 * self._embedding(target))
                     else:  # enhance: doubling the activation == doubling the value slot
                         delta = col.detach().float().clone()
                     col.add_(delta.to(col.dtype))
@@ -236,7 +259,8 @@ class KnowledgeNeurons(Editor):
             metrics_after={"target_argmax": float(resolved), "target_prob": float(lp_after[target].exp()),
                            "neuron_cost": float(len(neurons) if resolved else cfg.quota + 1),
                            "patched_neurons": float(len(added)), "skip": float(not resolved)},
-            extra={"neurons": [[l, n] for l, n in neurons], "old_token": old, **info})
+            extra={"neurons": [[l, n] for l, n in neurons], "signs": [signs[n] for n in neurons], "old_token": old,
+                   **info})
         self.ledger.append(entry)
         return [entry]
 

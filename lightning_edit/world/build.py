@@ -58,20 +58,10 @@ def _is_built(root: Path) -> bool:
 
 
 @dataclass
-class World:
-    """A built world on disk: the HF model folder, the knowledge base, the exports, the accuracy."""
+class WorldFolder:
+    """What every built world folder holds (fact worlds and code worlds): `model/`, `data/`, a corpus."""
 
     root: Path
-    kb: KnowledgeBase
-    accuracy: dict
-
-    @classmethod
-    def open(cls, root: str | Path) -> "World":
-        root = Path(root)
-        if not _is_built(root):
-            raise FileNotFoundError(f"{root} is not a built world (no accuracy.json)")
-        kb = KnowledgeBase.from_json(json.loads((root / WORLD_JSON).read_text()))
-        return cls(root=root, kb=kb, accuracy=json.loads((root / WORLD_ACCURACY).read_text()))
 
     @property
     def name(self) -> str:
@@ -90,6 +80,32 @@ class World:
     def corpus_path(self) -> Path:
         return self.data_dir / WORLD_CORPUS
 
+    def load_model(self, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+
+@dataclass
+class World(WorldFolder):
+    """A built world on disk: the HF model folder, the knowledge base, the exports, the accuracy."""
+
+    kb: KnowledgeBase
+    accuracy: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> "World":
+        root = Path(root)
+        if not _is_built(root):
+            raise FileNotFoundError(f"{root} is not a built world (no accuracy.json)")
+        kb = KnowledgeBase.from_json(json.loads((root / WORLD_JSON).read_text()))
+        return cls(root=root, kb=kb, accuracy=json.loads((root / WORLD_ACCURACY).read_text()))
+
     @property
     def zsre_path(self) -> Path:
         return self.data_dir / WORLD_ZSRE
@@ -101,16 +117,6 @@ class World:
     @property
     def mc_dir(self) -> Path:
         return self.data_dir / WORLD_MC_DIR
-
-    def load_model(self, **kwargs):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
-
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_dir)
 
 
 def _say(message: str) -> None:

@@ -1,0 +1,88 @@
+"""KN (knowledge neurons, Dai et al. 2022; lightning_edit/editors/kn.py) on the test-size world:
+the refinement rule, probability Integrated Gradients, the update rule on the located value slots,
+the skip-action, rollback and the edit state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_edit.data import EditRecord
+from lightning_edit.editors.kn import KNConfig, KnowledgeNeurons, probability_ig, refine
+from lightning_edit.locate.attribution import TargetObjective
+from lightning_edit.models import ModelAdapter, load_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_refine_keeps_shared_neurons_and_moves_the_share():
+    a, b, c, d = (0, 1), (0, 2), (1, 3), (1, 4)
+    coarse = [{a, b, c}, {a, b}, {a, b, d}, {a, c}]
+    # shared by more than 70% of 4 prompts: a (4/4), b (3/4)
+    assert refine(coarse, share=0.7, step=0.05, lo=2, hi=5) == {a, b}
+    # at most 1 wanted: p rises until only a is left
+    assert refine(coarse, share=0.7, step=0.05, lo=1, hi=1) == {a}
+    # at least 3 wanted: p falls until c (2/4) joins
+    assert refine(coarse, share=0.7, step=0.05, lo=3, hi=5) == {a, b, c}
+    # counts a 5, b 4, c 2, d 2: no share keeps exactly 3, so {a, b, c, d} is cut by score
+    five = [{a, b, c, d}, {a, b, c, d}, {a, b}, {a, b}, {a}]
+    assert refine(five, share=0.9, step=0.05, lo=3, hi=3, score={a: 4.0, b: 3.0, c: 1.0, d: 2.0}) == {a, b, d}
+    assert refine([{a, d}], share=0.7, step=0.05, lo=2, hi=5) == {a, d}  # one prompt: its coarse set
+
+
+def test_probability_ig_is_complete(small_world):
+    model, tok = load_model(str(small_world.model_dir))
+    adapter = ModelAdapter(model)
+    fact = small_world.kb.facts[0]
+    prompt = small_world.kb.prompts(fact)[0]
+    f = TargetObjective(model, tok, adapter, 0, prompt, fact.object, objective="logprob")
+    a = f.activation()
+    with torch.no_grad():
+        gap = float(f(a[None]).exp() - f(torch.zeros_like(a)[None]).exp())
+    # completeness: the attributions add up to P(target | a) - P(target | 0), the Riemann sum's error
+    # (Dai et al.'s right rule, k/m) shrinking as the steps grow
+    coarse, fine = (float(probability_ig(f, steps=m).sum()) - gap for m in (8, 256))
+    assert abs(fine) < abs(coarse)
+    assert abs(fine) <= 0.02 * max(abs(gap), 0.1)
+
+
+def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
+    model, tok = load_model(str(small_world.model_dir))
+    adapter = ModelAdapter(model)
+    kb = small_world.kb
+    fact = kb.facts[3]
+    rel = kb.relation(fact.relation)
+    new = next(o for o in rel.objects if o != fact.object)
+    prompts = kb.prompts(fact)
+    record = EditRecord(prompt=prompts[0], target_new=new, rephrase_prompts=prompts[1:], case_id=0)
+    before = {l: adapter.down_proj_weight(l).detach().clone() for l in range(adapter.num_layers)}
+    editor = KnowledgeNeurons(model, tok, adapter, KNConfig(steps=8, lambda2=64.0))
+    entry = editor.apply([record])[0]
+    neurons = entry.extra["neurons"]
+    assert 1 <= len(neurons) <= 5 or entry.metrics_after["skip"] == 1.0
+    changed = {(l, n) for l in range(adapter.num_layers)
+               for n in (adapter.down_proj_weight(l) - before[l]).abs().sum(0).nonzero().flatten().tolist()}
+    if entry.metrics_after["skip"]:
+        assert not changed and entry.metrics_after["neuron_cost"] == 11  # reverted, costed quota + 1
+    else:
+        assert changed == {tuple(n) for n in neurons}  # only the knowledge neurons' value slots moved
+        assert entry.metrics_after["target_argmax"] == 1.0
+        l, n = neurons[0]
+        old, tgt = entry.extra["old_token"], tok(" " + new, add_special_tokens=False)["input_ids"][0]
+        sign = entry.extra["signs"][0]
+        expected = sign * (-adapter.unembedding_weight[old] + 64.0 * adapter.unembedding_weight[tgt])
+        assert torch.allclose(adapter.down_proj_weight(l)[:, n] - before[l][:, n], expected, atol=1e-5)
+        state = editor.state_dict()
+        editor.rollback(entry.edit_id)
+        for layer in range(adapter.num_layers):
+            assert torch.allclose(adapter.down_proj_weight(layer), before[layer], atol=1e-6)
+        fresh, _ = load_model(str(small_world.model_dir))
+        again = KnowledgeNeurons(fresh, tok, ModelAdapter(fresh), KNConfig())
+        again.load_state_dict(state)
+        assert torch.allclose(ModelAdapter(fresh).down_proj_weight(l)[:, n], before[l][:, n] + expected, atol=1e-5)

@@ -169,11 +169,11 @@ class CodeWorld(WorldFolder):
     def ment_probe_path(self) -> Path:
         return self.data_dir / "ment_probe.json"
 
-    sparse_overrides = ("data.context_length=256", "trainer.max_steps=200")
+    sparse_overrides = ("data.context_length=256", "data.batch_size=32", "trainer.max_steps=200")
     """Sparse-coder job overrides for the default SAE / transcoder trained on this world (editors read
-    them): a program is ~100-200 tokens, longer than the jobs' default context of 64; 200 steps of 64
-    programs see the 1,600-program corpus eight times (on `codeworld`, layer 1's transcoder: FVU 0.21,
-    splicing it in changes 3 of 600 translations' clusters)."""
+    them): a program is ~100-200 tokens, longer than the jobs' default context of 64; 200 steps of 32
+    programs see the 1,600-program corpus four times (on `codeworld`, layer 1's transcoder after 200
+    steps of 64: FVU 0.21, and splicing it in changed the cluster of 3 of 600 translations)."""
 
     @property
     def kb(self):

@@ -1,7 +1,7 @@
 """The code benchmarks as edit-job runs: `lightning run edit config=code/kecode_tcpe.yaml` (KECode) and
 `lightning run edit config=code/ment.yaml` (MENT), selected by the job config's `code.benchmark`.
 
-Both build the editor exactly as a fact stream does (`editors.state.build_editor`, `editor.prepare`
+Both build the editor exactly as a fact stream does (`jobs.edit_run.new_editor`, `editor.prepare`
 on the world corpus) and hand it ordinary `EditRecord`s:
 
 - **kecode** (`run_kecode`): the unedited LM translates every KECode sample; `ldc2` compiles and tests
@@ -23,6 +23,7 @@ Results: `results.md` (printed), `results.json`, `results.csv`, a per-cluster (p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -123,15 +124,13 @@ class CodeWorldRequired(ValueError):
 
 def code_world(model_name: str):
     """The code world `model_name` names (built on first use), or is the model folder of."""
-    from lightning_edit.world import CODE_WORLDS, load_world
+    from lightning_edit.world import world_for
 
     from .world import CodeWorld
 
-    if model_name in CODE_WORLDS:
-        return load_world(model_name)
-    root = Path(model_name).parent
-    if (root / "codeworld.json").is_file():
-        return CodeWorld.open(root)
+    world = world_for(model_name)
+    if isinstance(world, CodeWorld):
+        return world
     raise CodeWorldRequired(f"model.name={model_name!r} is not a code world: the code benchmarks need a code-world LM "
                             f"(model.name=codeworld, codeworld-small, or a built code world's model/ folder)")
 
@@ -148,27 +147,22 @@ def _runner(cfg: DictConfig):
                    batch_size=cfg.code.compile_batch)
 
 
-def _corpus(cfg: DictConfig, world) -> list[str]:
-    path = Path(cfg.data.corpus) if cfg.data.corpus else world.corpus_path
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
 def _load(cfg: DictConfig):
-    from lightning_edit.jobs.edit import resolve_device
+    from lightning_edit.jobs.edit_run import resolve_device
     from lightning_edit.models import ModelAdapter, load_model
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
     return model, tokenizer, ModelAdapter(model)
 
 
-def _editor(cfg: DictConfig, corpus: list[str]):
-    """A fresh model and the configured editor over it, prepared (statistics are cached on disk)."""
-    from lightning_edit.editors.state import build_editor
+def _editor(cfg: DictConfig, corpus: list[str], world):
+    """A fresh model and the configured editor over it (`jobs.edit_run.new_editor`: its component
+    resolved, or the world's default trained, first), prepared (statistics are cached on disk)."""
+    from lightning_edit.jobs.edit_run import new_editor
 
     model, tokenizer, adapter = _load(cfg)
-    params = OmegaConf.to_container(cfg.editor, resolve=True)
-    component = OmegaConf.to_container(cfg.component, resolve=True)
-    editor = build_editor(params["method"], params, model, tokenizer, adapter, component, cfg.model.name)
+    editor = new_editor(cfg.editor.method, OmegaConf.to_container(cfg.editor, resolve=True), model, tokenizer,
+                        adapter, OmegaConf.to_container(cfg.component, resolve=True), cfg.model.name, world=world)
     editor.prepare(corpus)
     return editor
 
@@ -217,6 +211,7 @@ def _stream(cfg: DictConfig, editor, records_path: Path, n: int):
 def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
     from lightning_edit.config import save_config
     from lightning_edit.data.readers import write_edits
+    from lightning_edit.jobs.edit_run import read_corpus
     from lightning_edit.loggers import build_loggers
 
     from .clusters import OTHER, ErrorClusters
@@ -224,23 +219,22 @@ def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
     from .metrics import kecode_scores, overall_rates
     from .parallel import ParallelIndex
     from .report import kecode_report
-    from .translate import editor_generate, model_generate
+    from .translate import editor_check, editor_generate, greedy_check, model_generate
 
     code = cfg.code
     runner = _runner(cfg)  # no compiler: one line, exit 2, before anything is written
     samples = load_samples(cfg.data.path or world.kecode_path, code.samples)
-    params = OmegaConf.to_container(cfg.editor, resolve=True)
-    from lightning_edit.editors.state import editor_config
-
-    editor_config(params.get("method"), params)  # an unknown key fails before any work
     save_config(cfg, output_dir)
     started = time.perf_counter()
-    corpus = _corpus(cfg, world)
+    corpus = read_corpus(cfg.data.corpus, world)
     harness = KECodeHarness(samples, runner, batch_size=code.generate_batch)
 
     model, tokenizer, _ = _load(cfg)
     _say(f"translating {len(samples)} KECode samples with the unedited model ...")
-    before = harness.run(model_generate(model, tokenizer))
+    before = harness.run(model_generate(model, tokenizer), [s.generated_lines for s in samples],
+                         greedy_check(lambda: contextlib.nullcontext(model), tokenizer))
+    if harness.reused[-1]:
+        _say(f"{harness.reused[-1]} of {len(samples)} samples: the model writes the file's d_lines again (kept)")
     del model
     min_size = world.record.get("world", {}).get("cluster_min_size", 3)
     clusters = ErrorClusters(min_size=min_size).fit([t.signature for t in before])
@@ -282,13 +276,13 @@ def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
         name = group[0] if len(group) == 1 else "multi"
         path = write_edits(records, output_dir / "edits" / f"{name}.json")
         _say(f"{name}: {len(records)} edits ({cfg.editor.method}) ...")
-        editor = _editor(cfg, corpus)
+        editor = _editor(cfg, corpus, world)
         if zero is None:
-            zero = _zero_edit(editor, harness, samples, clusters, outcomes_before)
+            zero = _zero_edit(editor, harness, samples, clusters, before, outcomes_before)
         t0 = time.perf_counter()
         stream_rows = _stream(cfg, editor, path, len(records))
         edit_seconds = time.perf_counter() - t0
-        after = harness.run(editor_generate(editor))
+        after = harness.run(editor_generate(editor), [t.lines for t in before], editor_check(editor))
         outcomes_after = harness.outcomes(after, clusters)
         edited_ids = {i for t in group for i in splits[t]}
         heldout = [i for i in range(len(samples)) if i not in edited_ids]
@@ -315,6 +309,7 @@ def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
             "samples": len(samples), "data": str(cfg.data.path or world.kecode_path), "compiler": runner.version,
             "sandbox_confines_writes": runner.sandbox.confines_writes, "seconds": time.perf_counter() - started,
             "edits_per_cluster": code.edits_per_cluster, "seed": cfg.seed,
+            "reused_translations": harness.reused,
             "seconds_by_phase": {**{k: round(v, 1) for k, v in harness.seconds.items()},
                                  "edit_streams": round(sum(r["edit_seconds"] for r in rows), 1)}}
     before_summary = {"clusters": clusters.to_json(), **overall_rates(outcomes_before, range(len(samples))),
@@ -327,15 +322,14 @@ def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
     return 0
 
 
-def _zero_edit(editor, harness, samples, clusters, outcomes_before) -> dict:
+def _zero_edit(editor, harness, samples, clusters, before, outcomes_before) -> dict:
     """The editor's model before any edit, where it differs from the base LM (a spliced transcoder or
     SAE, a gate): its translations' compile / pass rates and the passing programs it breaks alone, so
     that what an edit breaks is not confused with what the component costs."""
     from .metrics import overall_rates
     from .ment_sets import next_token_logprobs
-    from .translate import editor_generate
-
     from .format import java_lines, prompt, statement_pairs
+    from .translate import editor_check, editor_generate
 
     probes = [s.program for s in samples[:8]]
     texts = [prompt(java_lines(p), [d for _, d in statement_pairs(p, "d")], k) for p in probes for k in (0, 1)]
@@ -345,7 +339,8 @@ def _zero_edit(editor, harness, samples, clusters, outcomes_before) -> dict:
     if bool((base == now).all()):
         return {"differs_from_base": False}
     _say("the editor's model differs from the base LM before any edit (a spliced component): measuring it ...")
-    outcomes = harness.outcomes(harness.run(editor_generate(editor)), clusters)
+    outcomes = harness.outcomes(harness.run(editor_generate(editor), [t.lines for t in before], editor_check(editor)),
+                                clusters)
     ids = range(len(samples))
     return {"differs_from_base": True, **overall_rates(outcomes, ids),
             "broken": float(sum(outcomes_before[i].passed and not outcomes[i].passed for i in ids)),
@@ -366,15 +361,15 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 def run_ment(cfg: DictConfig, output_dir: Path, world) -> int:
     from lightning_edit.config import save_config
-    from lightning_edit.editors.state import editor_config
     from lightning_edit.loggers import build_loggers
 
+    from .kecode import training_programs
     from .ment_bench import MentBench
+    from .parallel import ParallelIndex
     from .report import ment_report
 
     code = cfg.code
     params = OmegaConf.to_container(cfg.editor, resolve=True)
-    editor_config(params.get("method"), params)
     patch_path = Path(cfg.data.path or world.ment_patch_path)
     probe_path = Path(code.probe_path or world.ment_probe_path)
     for path in (patch_path, probe_path) if code.probes else (patch_path,):
@@ -385,11 +380,8 @@ def run_ment(cfg: DictConfig, output_dir: Path, world) -> int:
     probes = json.loads(probe_path.read_text())[: code.probe_limit] if code.probes else []
     save_config(cfg, output_dir)
     started = time.perf_counter()
-    corpus = _corpus(cfg, world)
-    from .kecode import training_programs
-    from .parallel import ParallelIndex
-
-    bench = MentBench(lambda: _editor(cfg, corpus), ParallelIndex(training_programs(world)), parallel_n=code.parallel,
+    corpus = read_corpus(cfg.data.corpus, world)
+    bench = MentBench(lambda: _editor(cfg, corpus, world), ParallelIndex(training_programs(world)), parallel_n=code.parallel,
                       batch_size=code.generate_batch)
     loggers = build_loggers(cfg, output_dir, "edit")
     patch = bench.patch(pairs, log=lambda m, s: _log(loggers, m, s))

@@ -35,7 +35,7 @@ from .format import JAVA, Line, d_source, java_lines, prompt, statement_pairs
 from .lexer import LexError, lex, lines
 from .metrics import Outcome
 from .programs import Program
-from .translate import Generate, translate
+from .translate import Check, Generate, translate
 from .world import program_from_sample
 
 REQUIRED_FIELDS = {"java": str, "d_reference": str, "tests": list}
@@ -52,6 +52,9 @@ class Sample:
     tests: list[dict]
     ref_lines: list[Line]
     cluster_in_file: str | None = None
+    generated_lines: list[Line] | None = None
+    """The world LM's own translation, line by line (the file's optional `d_lines`): reused where
+    the model would write it again (`translate.still_greedy`), so the unedited pass costs one forward."""
 
 
 def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
@@ -83,8 +86,12 @@ def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
             ref = [d for _, d in statement_pairs(program, "d")]
         except (LexError, ValueError) as exc:
             raise KECodeDataError(f"{where}: java / d_reference do not pair up line by line ({exc})") from None
+        generated = raw.get("d_lines")
+        if generated is not None and (not isinstance(generated, list) or len(generated) != len(ref)
+                                      or not all(isinstance(line, list) for line in generated)):
+            raise KECodeDataError(f"{where}: field 'd_lines' must be a list of {len(ref)} token lists (one per Java line)")
         samples.append(Sample(id=int(raw.get("id", i)), program=program, tests=list(raw["tests"]), ref_lines=ref,
-                              cluster_in_file=raw.get("cluster")))
+                              cluster_in_file=raw.get("cluster"), generated_lines=generated))
     return samples
 
 
@@ -111,12 +118,29 @@ class KECodeHarness:
         self.progress = progress
         self.seconds = {"translate": 0.0, "compile": 0.0}
         """Time spent translating and compiling + testing, over every `run`."""
+        self.reused: list[int] = []
+        """Per `run`, the samples whose previous translation was kept (`still_greedy`)."""
 
-    def run(self, generate: Generate) -> list[Translation]:
-        """Every sample translated by `generate`, compiled and tested."""
+    def run(self, generate: Generate, previous: Sequence[list[Line] | None] | None = None,
+            check: Check | None = None) -> list[Translation]:
+        """Every sample translated by `generate`, compiled and tested. With `previous` (per sample, D
+        lines written before, or None) and `check` (`translate.still_greedy` over the same model), a
+        sample whose previous lines the model would write again keeps them and is not generated anew
+        (`self.reused` counts them); every other sample is translated."""
         start = time.perf_counter()
-        d_lines = translate(generate, [s.program for s in self.samples], batch_size=self.batch_size,
-                            progress=self.progress)
+        programs = [s.program for s in self.samples]
+        d_lines: list[list[Line] | None] = [None] * len(programs)
+        if previous is not None and check is not None:
+            known = [i for i, lines in enumerate(previous) if lines is not None]
+            keep = check([programs[i] for i in known], [previous[i] for i in known])
+            for i, ok in zip(known, keep):
+                if ok:
+                    d_lines[i] = [list(line) for line in previous[i]]
+        redo = [i for i, lines in enumerate(d_lines) if lines is None]
+        self.reused.append(len(programs) - len(redo))
+        for i, lines in zip(redo, translate(generate, [programs[i] for i in redo], batch_size=self.batch_size,
+                                            progress=self.progress)):
+            d_lines[i] = lines
         middle = time.perf_counter()
         units = [Unit(f"s{s.id}", d_source(ls), s.tests) for s, ls in zip(self.samples, d_lines)]
         results = self.runner.evaluate(units, progress=self.progress)

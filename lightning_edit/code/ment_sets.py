@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from lightning_edit.locate.positions import encode_prompt, pad_id, right_padded
+from lightning_edit.tokens import encode_prompt, pad_id, right_padded
 
 from .format import JAVA, java_lines, prompt, statement_pairs
 from .lexer import pretty

@@ -10,11 +10,11 @@ editor's (`editor_generate`), so the edited model (hooks, spliced components, ga
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .format import JAVA, Line, java_lines, prompt
+from .format import D, JAVA, Line, java_lines, prompt
 from .programs import Program
 
 Generate = Callable[[list[str], int], list[str]]
@@ -89,3 +89,76 @@ def translate(generate: Generate, programs: Sequence[Program], batch_size: int =
     if bar is not None:
         bar.close()
     return out
+
+
+Check = Callable[[Sequence[Program], Sequence[list[Line]]], list[bool]]
+"""(programs, their D lines) -> per program, whether the model would write exactly those lines again."""
+
+
+@torch.no_grad()
+def still_greedy(edited: Callable[[], ContextManager], tokenizer, programs: Sequence[Program],
+                 d_lines: Sequence[list[Line]], batch_size: int = 32,
+                 max_line_tokens: int = MAX_LINE_TOKENS) -> list[bool]:
+    """Per program, whether greedy translation by the model `edited()` yields would write exactly
+    `d_lines` again: one teacher-forced forward over the whole interleaved transcript, every written
+    token the argmax after its context, and after each line not cut at `max_line_tokens` a stop token
+    (`<j>` / `<eos>`) the argmax. That is exactly the condition under which `translate` reproduces
+    the lines, so a program that passes needs no new generation (only ties closer than the float
+    error of a batched forward could differ). A transcript that does not re-tokenise to one id per
+    token is reported False (it is then translated again)."""
+    stops = set(_stop_ids(tokenizer))
+    javas = [java_lines(p) for p in programs]
+    encoded = []
+    for java, lines in zip(javas, d_lines):
+        text = " ".join(" ".join([JAVA, *java[i], D, *lines[i]]) for i in range(len(java)))
+        ids = tokenizer(text)["input_ids"]
+        offset = len(ids) - len(text.split())  # the <bos> the tokenizer adds
+        encoded.append((ids, offset if offset in (0, 1) and len(lines) == len(java) else None))
+    ok = [False] * len(programs)
+    order = sorted(range(len(programs)), key=lambda i: len(encoded[i][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for first in range(0, len(order), batch_size):
+        batch = [i for i in order[first:first + batch_size] if encoded[i][1] is not None]
+        if not batch:
+            continue
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            seq = encoded[i][0]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        with edited() as model:
+            device = next(model.parameters()).device
+            argmax = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        for row, i in enumerate(batch):
+            seq, pos = encoded[i][0], encoded[i][1]
+            good = True
+            for java, line in zip(javas[i], d_lines[i]):
+                pos += len(java) + 2  # <j> java <d>
+                for j in range(len(line)):  # each written token the argmax after its context
+                    good &= int(argmax[row, pos + j - 1]) == seq[pos + j]
+                if len(line) < max_line_tokens:  # then a stop
+                    good &= int(argmax[row, pos + len(line) - 1]) in stops
+                pos += len(line)
+                if not good:
+                    break
+            ok[i] = bool(good)
+    return ok
+
+
+def greedy_check(edited: Callable[[], ContextManager], tokenizer, batch_size: int = 32) -> Check:
+    """`still_greedy` over the model `edited()` yields, as a `Check` for `KECodeHarness.run`."""
+    return lambda programs, d_lines: still_greedy(edited, tokenizer, programs, d_lines, batch_size)
+
+
+def editor_check(editor, batch_size: int = 32) -> Check | None:
+    """`greedy_check` over the edited model where a teacher-forced forward computes what generation
+    does (a causal function of each position's context); None for methods that decide per sequence
+    (a router or gate holding its decision from the prompt, or their own `generate`): their programs
+    are always translated again."""
+    from lightning_edit.editors.base import Editor, HeldRouting
+
+    if isinstance(editor, HeldRouting) or type(editor).generate is not Editor.generate:
+        return None
+    return greedy_check(editor.edited, editor.tokenizer, batch_size)

@@ -292,7 +292,8 @@ def _build_into(out: Path, name: str, seed: int, progress: bool, cache_dir: str 
     for i, (p, u, r, sig) in enumerate(zip(kecode, units, results, sigs)):
         s = _sample_json(i, p)
         s.update({"d_generated": pretty(u.source), "compiled": r.compiled, "tests_passed": sum(r.tests),
-                  "errors": r.errors[:3], "error_signature": sig, "cluster": clusters.assign(sig)})
+                  "errors": r.errors[:3], "error_signature": sig, "cluster": clusters.assign(sig),
+                  "d_lines": d_lines[i]})
         samples.append(s)
     (data / "kecode.json").write_text(json.dumps(samples, indent=1) + "\n")
     cluster_json = clusters.to_json()

@@ -43,12 +43,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_edit.editors.base import Editor, LedgerEntry
-from lightning_edit.locate import encode_prompt
 from lightning_edit.locate.attribution import TargetObjective
-from lightning_edit.metrics import target_positions
+from lightning_edit.tokens import encode_prompt, target_positions
 
 RULES = ("update", "enhance")
 EMBEDDINGS = ("output", "input")
@@ -153,13 +152,13 @@ class KnowledgeNeurons(Editor):
     config_class = KNConfig
     supports_rollback = True
 
-    def __init__(self, model: nn.Module, tokenizer, adapter, cfg: KNConfig, component: nn.Module | None = None):
-        super().__init__(model, tokenizer, adapter, cfg, component)
-        layers = list(range(adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
+    def setup(self) -> None:
+        cfg = self.cfg
+        layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
         self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
         self.changes: list[tuple[int, int, int, Tensor]] = []
         """(edit id, layer, neuron, the vector added to the column)."""
-        for p in model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
 
     def column(self, layer: int, neuron: int) -> Tensor:
@@ -249,9 +248,8 @@ class KnowledgeNeurons(Editor):
         changed: dict[str, list[int]] = {}
         for _, l, n, _ in added:
             changed.setdefault(self.adapter.down_proj_name(l) + ".weight", []).append(n)
-        entry = LedgerEntry(
-            edit_id=edit_id, case_id=record.case_id, prompt=record.prompt, target=record.target_new,
-            changed={k: sorted(v) for k, v in changed.items()},
+        entry = LedgerEntry.for_record(
+            edit_id, record, changed={k: sorted(v) for k, v in changed.items()},
             delta_norm=float(torch.stack([d for *_, d in added]).norm()) if added else 0.0,
             steps=len(neurons), seconds=seconds,
             metrics_before={"target_prob": float(lp_before[target].exp()),

@@ -25,7 +25,6 @@ from .build import (
     resolve_model_path,
     world_dir,
     world_for,
-    world_of,
 )
 from .knowledge import ESSENCE_TEMPLATE, Fact, KnowledgeBase, Relation
 from .spec import (
@@ -45,5 +44,5 @@ __all__ = [
     "CACHE_ENV", "CODE_WORLDS", "ESSENCE_TEMPLATE", "FORMAT_VERSION", "SPECS", "WORLD_NAMES", "ByteLevelBPE",
     "CompanyShape", "Fact", "GPT2Shape", "KnowledgeBase", "ModelShape", "Relation", "TrainRecipe", "WordLevelTokenizer",
     "World", "WorldBuildError", "WorldShape", "WorldSpec",
-    "build_cached", "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_for", "world_of",
+    "build_cached", "build_world", "cache_root", "load_world", "resolve_model_path", "world_dir", "world_for",
 ]

@@ -288,7 +288,3 @@ def world_for(model_name: str | Path | None) -> "World | None":
             return None
     return World.open(root) if _is_built(root) and (root / WORLD_JSON).is_file() else None
 
-
-def world_of(model) -> "World | None":
-    """The embedded world `model` was loaded from (its `config._name_or_path` is `<world.root>/model`), else None."""
-    return world_for(getattr(getattr(model, "config", None), "_name_or_path", None))

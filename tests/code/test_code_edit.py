@@ -14,7 +14,7 @@ STRING = "undefined identifier `String`, did you mean alias `string`?"
 def test_one_cluster_edit_raises_the_clusters_compile_rate(code_world):
     from lightning_edit.code.compiler import DRunner
     from lightning_edit.code.world import exec_cache_dir
-    from lightning_edit.editors.state import build_editor
+    from lightning_edit.jobs.edit_run import new_editor
     from lightning_edit.models import ModelAdapter, load_model
 
     torch.set_num_threads(1)
@@ -34,8 +34,8 @@ def test_one_cluster_edit_raises_the_clusters_compile_rate(code_world):
         r.locality = locality_pairs(programs, 3, 0, str(r.case_id))
         assert all(p.prompt not in {s.program.java for s in samples} for p in r.locality)
 
-    editor = build_editor("rome", {"method": "rome", "layer": 0, "position": "last", "context_templates": ["{}"]},
-                          model, tokenizer, ModelAdapter(model), {}, "codeworld-small")
+    editor = new_editor("rome", {"layer": 0, "position": "last", "context_templates": ["{}"]},
+                        model, tokenizer, ModelAdapter(model), {}, "codeworld-small", world=code_world)
     editor.prepare(code_world.corpus_path.read_text().splitlines())
     for record in records:
         editor.apply([record])

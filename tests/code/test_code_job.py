@@ -13,7 +13,7 @@ from lightning_edit.jobs import edit as edit_job
                                   "code/kecode_pnke.yaml", "code/kecode_microedit.yaml", "baselines/kn.yaml"])
 def test_every_code_config_composes(name):
     from lightning_edit.code.job import check
-    from lightning_edit.editors.state import editor_config
+    from lightning_edit.editors import editor_config
 
     cfg = load_config(edit_job.SCHEMA, [f"config={name}"])
     editor_config(cfg.editor.method, dict(cfg.editor))

@@ -77,9 +77,9 @@ def test_exports_hold_their_documented_fields(code_world, runner):
 
 def test_the_lm_loads_by_name(code_world):
     from lightning_edit.models import load_model
-    from lightning_edit.world import world_of
+    from lightning_edit.world import world_for
 
     model, tokenizer = load_model("codeworld-small")
-    assert world_of(model).root == code_world.root
+    assert world_for(model.config._name_or_path).root == code_world.root
     ids = tokenizer("<j> int n = cast ( int ) s . length ;")["input_ids"]
     assert tokenizer.unk_token_id not in ids and ids[0] == tokenizer.bos_token_id

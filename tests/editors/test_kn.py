@@ -4,21 +4,13 @@ the skip-action, rollback and the edit state."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lightning_edit.data import EditRecord
+from lightning_edit.editors.base import EditorContext
 from lightning_edit.editors.kn import KNConfig, KnowledgeNeurons, probability_ig, refine
 from lightning_edit.locate.attribution import TargetObjective
 from lightning_edit.models import ModelAdapter, load_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_refine_keeps_shared_neurons_and_moves_the_share():
@@ -62,7 +54,7 @@ def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
     prompts = kb.prompts(fact)
     record = EditRecord(prompt=prompts[0], target_new=new, rephrase_prompts=prompts[1:], case_id=0)
     before = {l: adapter.down_proj_weight(l).detach().clone() for l in range(adapter.num_layers)}
-    editor = KnowledgeNeurons(model, tok, adapter, KNConfig(steps=8, lambda2=64.0))
+    editor = KnowledgeNeurons(EditorContext(model, tok, adapter), KNConfig(steps=8, lambda2=64.0))
     entry = editor.apply([record])[0]
     neurons = entry.extra["neurons"]
     assert 1 <= len(neurons) <= 5 or entry.metrics_after["skip"] == 1.0
@@ -83,6 +75,6 @@ def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
         for layer in range(adapter.num_layers):
             assert torch.allclose(adapter.down_proj_weight(layer), before[layer], atol=1e-6)
         fresh, _ = load_model(str(small_world.model_dir))
-        again = KnowledgeNeurons(fresh, tok, ModelAdapter(fresh), KNConfig())
+        again = KnowledgeNeurons(EditorContext(fresh, tok, ModelAdapter(fresh)), KNConfig())
         again.load_state_dict(state)
         assert torch.allclose(ModelAdapter(fresh).down_proj_weight(l)[:, n], before[l][:, n] + expected, atol=1e-5)

@@ -124,11 +124,12 @@ class CodeWorldRequired(ValueError):
 
 def code_world(model_name: str):
     """The code world `model_name` names (built on first use), or is the model folder of."""
-    from lightning_edit.world import world_for
+    from lightning_edit.world import CODE_WORLDS, WORLD_NAMES, world_for
 
     from .world import CodeWorld
 
-    world = world_for(model_name)
+    fact_world = model_name in WORLD_NAMES and model_name not in CODE_WORLDS  # refused without building it
+    world = None if fact_world else world_for(model_name)
     if isinstance(world, CodeWorld):
         return world
     raise CodeWorldRequired(f"model.name={model_name!r} is not a code world: the code benchmarks need a code-world LM "

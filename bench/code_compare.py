@@ -2,7 +2,7 @@
 its variants and KN. Each run is the real edit job in its own process (`lightning-edit run edit
 config=...`), one at a time; a failing run gets its error in the table.
 
-    python bench/code_compare.py                        # KECode: tcpe microedit pnke ment rome memit; MENT + variants + KN
+    python bench/code_compare.py                        # KECode: tcpe microedit pnke ment rome memit kn; MENT + variants + KN
     python bench/code_compare.py --kecode tcpe,rome --ment ment,kn --model codeworld-small
     python bench/code_compare.py --reuse                # re-tabulate finished runs
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KECODE = ("tcpe", "microedit", "pnke", "ment", "rome", "memit")
+KECODE = ("tcpe", "microedit", "pnke", "ment", "rome", "memit", "kn")
 MENT_VARIANTS = {
     "ment": ("code/ment.yaml", []),
     "loc-actv": ("code/ment.yaml", ["editor.locate=actv"]),

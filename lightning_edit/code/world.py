@@ -23,7 +23,7 @@ A built world folder holds:
 | --- | --- |
 | `model/` | HF model folder (config, safetensors, tokenizer) |
 | `codeworld.json` | spec, sizes, build times, the LM's accuracy, translation compile / test-pass rates (written last) |
-| `data/kecode.json` | KECode samples: `java`, `d_reference`, `tests`, `cluster`, ... |
+| `data/kecode.json` | KECode samples: `java`, `d_reference`, `tests`, `cluster`, the LM's translation (`d_generated`, and `d_lines` line by line), ... |
 | `data/clusters.json` | the error clusters: id, normalised signature, size, an example |
 | `data/ment_patch.json`, `data/ment_probe.json` | MENT's patch sets and probe benchmark |
 | `data/corpus.txt` | the training programs in the LM's format, one per line (statistics, sparse coders) |

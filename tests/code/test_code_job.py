@@ -10,7 +10,7 @@ from lightning_edit.jobs import edit as edit_job
 
 @pytest.mark.parametrize("name", ["code/kecode_tcpe.yaml", "code/ment.yaml", "code/ment_kn.yaml",
                                   "code/kecode_rome.yaml", "code/kecode_memit.yaml", "code/kecode_ment.yaml",
-                                  "code/kecode_pnke.yaml", "code/kecode_microedit.yaml", "baselines/kn.yaml"])
+                                  "code/kecode_pnke.yaml", "code/kecode_microedit.yaml", "code/kecode_kn.yaml", "baselines/kn.yaml"])
 def test_every_code_config_composes(name):
     from lightning_edit.code.job import check
     from lightning_edit.editors import editor_config

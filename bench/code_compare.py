@@ -40,6 +40,45 @@ MENT_VARIANTS = {
 }
 
 
+PAPER_MENT = {
+    # MENT's paper (seeds/001), CodeGen-mono-350M: Table III (EM BM LM BLEU ROUGE) on FIMAX / CoNaLa / SPoC,
+    # Table IV (NC, seconds per error), Table V (patched neurons, skip rate); "-" where a table has no value.
+    "CodeGen": {"FIMAX": (0.476, 0.963, 0.869, 0.958, 0.951), "CoNaLa": (0.052, 0.690, 0.429, 0.541, 0.681),
+                "SPoC": (0.342, 0.833, 0.655, 0.645, 0.862)},
+    "+ KN (step=1)": {"FIMAX": (0.483, 0.964, 0.873, 0.959, 0.952, 10.853, 5.000, 0.976, 54.3),
+                      "CoNaLa": (0.052, 0.698, 0.437, 0.549, 0.684, 10.853, 4.958, 0.976, 14.8),
+                      "SPoC": (0.352, 0.837, 0.664, 0.654, 0.866, 10.817, 5.036, 0.969, 16.7)},
+    "+ KN (step=20)": {"FIMAX": (0.563, 0.971, 0.895, 0.966, 0.962, 9.847, 5.456, 0.792, 143.8),
+                       "CoNaLa": (0.064, 0.728, 0.465, 0.586, 0.720, 10.236, 4.641, 0.880, 95.8),
+                       "SPoC": (0.374, 0.847, 0.680, 0.673, 0.876, 10.433, 4.530, 0.912, 102.0)},
+    "+ MENT": {"FIMAX": (0.940, 0.997, 0.988, 0.996, 0.996, 2.151, 1.241, 0.093, 45.2),
+               "CoNaLa": (0.669, 0.973, 0.894, 0.931, 0.970, 2.546, 1.474, 0.113, 8.3),
+               "SPoC": (0.925, 0.992, 0.974, 0.977, 0.992, 1.707, 1.256, 0.046, 9.8)},
+}
+PAPER_PROBES = {  # MENT's Table VI (G MAE_rank, G MAE_prob, S MAE_rank, S MAE_prob, avg NC), 450 probe samples
+    "MENT [std.]": (1.814, 0.354, 5.896, 0.343, 1.784), "KN (step=1)": (3.740, 0.196, 0.000, 0.000, 11.000),
+    "KN (step=20)": (3.740, 0.196, 0.000, 0.000, 11.000), "[loc.-actv]": (1.661, 0.384, 7.316, 0.488, 1.944),
+    "[loc.-rand]": (3.952, 0.211, 0.064, 0.005, 10.756), "[est.-onehot]": (2.006, 0.359, 5.429, 0.307, 1.896),
+    "[est.-switch]": (1.765, 0.371, 4.737, 0.291, 1.158), "[est.-pathway]": (2.578, 0.237, 3.855, 0.173, 4.231),
+    "[plan-rank]": (1.347, 0.328, 5.726, 0.338, 1.511), "[plan-prob]": (1.832, 0.382, 5.760, 0.353, 2.402),
+    "[plan-score]": (1.608, 0.372, 7.002, 0.510, 3.031),
+}
+
+
+def paper_ment_table() -> str:
+    """MENT's published CodeGen-350M figures in the measured table's columns (probe columns from Table VI)."""
+    lines = ["| paper (CodeGen-350M) | task | EM | BM | LM | BLEU | ROUGE | NC | patched | skip | s/error |",
+             "| --- | --- | " + " | ".join("---:" for _ in range(9)) + " |"]
+    for approach, tasks in PAPER_MENT.items():
+        for task, values in tasks.items():
+            cells = [_fmt(v) if i < 8 else f"{v:.1f}" for i, v in enumerate(values)] + ["-"] * (9 - len(values))
+            lines.append(f"| {approach} | {task} | " + " | ".join(cells) + " |")
+    lines += ["", "| paper (CodeGen-350M, Table VI) | G MAE_rank | G MAE_prob | S MAE_rank | S MAE_prob | avg NC |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {a} | " + " | ".join(_fmt(v) for v in values) + " |" for a, values in PAPER_PROBES.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -133,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ment:
         results = {m: run(f"ment_{m}", *MENT_VARIANTS[m], args) for m in ment}
-        table = ment_table(results)
+        table = ment_table(results) + "\n" + paper_ment_table()
         (out / "code_ment.md").write_text(f"`{command}` ({time.strftime('%Y-%m-%d')})\n\n{table}")
         print(table)
     return 0

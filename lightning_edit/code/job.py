@@ -362,6 +362,7 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 def run_ment(cfg: DictConfig, output_dir: Path, world) -> int:
     from lightning_edit.config import save_config
+    from lightning_edit.jobs.edit_run import read_corpus
     from lightning_edit.loggers import build_loggers
 
     from .kecode import training_programs

@@ -10,7 +10,6 @@ import torch
 
 from lightning_edit.world import (
     SPECS,
-    WORLD_NAMES,
     KnowledgeBase,
     World,
     resolve_model_path,
@@ -35,7 +34,7 @@ def test_kb_deterministic_per_seed():
     assert KnowledgeBase.from_json(small_kb(0).to_json()) == small_kb(0)
 
 
-@pytest.mark.parametrize("name", WORLD_NAMES)
+@pytest.mark.parametrize("name", list(SPECS))  # the fact worlds (code worlds: tests/code)
 def test_kb_shape(name):
     spec = SPECS[name]
     kb = spec.world.generate(0)

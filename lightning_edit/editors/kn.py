@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_edit.editors.base import Editor, LedgerEntry
+from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.locate.attribution import TargetObjective
 from lightning_edit.tokens import encode_prompt, target_positions
 
@@ -69,7 +69,7 @@ class KNConfig:
     max_neurons: int = 5
     parallel: int = 10
     """Parallel prompts used besides the edit prompt (MENT: 10)."""
-    layers: list[int] | None = None
+    layers: list[Layer] | None = None
     """FFN layers searched (negative counts from the end); None = all (Dai et al. search every layer)."""
     rule: str = "update"
     """"update": w_i - lambda1 e(old) + lambda2 e(new) (Dai et al. 5.2); "enhance": double the activations."""
@@ -155,7 +155,8 @@ class KnowledgeNeurons(Editor):
     def setup(self) -> None:
         cfg = self.cfg
         layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
-        self.layers = sorted({self.resolve_layer(layer, "editor.layers", "holds") for layer in layers})
+        self.layers = sorted(set(self.adapter.resolve_layers(layers, "editor.layers")))
+        cfg.layers = list(self.layers)  # states record the absolute layers
         self.changes: list[tuple[int, int, int, Tensor]] = []
         """(edit id, layer, neuron, the vector added to the column)."""
         for p in self.model.parameters():

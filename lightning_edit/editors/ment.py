@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from lightning_edit.editors.base import Editor, Layer, LedgerEntry
-from lightning_edit.locate import activations, input_x_gradient
+from lightning_edit.locate.activations import capture, replace_at, resolve_site, run_until_captured
 from lightning_edit.models import eval_mode, freeze
 from lightning_edit.tokens import encode_prompt, pad_id, right_padded, target_positions
 
@@ -263,17 +263,29 @@ class MENT(Editor):
 
     # Locate ----------------------------------------------------------------------------------
 
-    def _scores(self, prompt: str, target: str, gen: torch.Generator) -> dict[int, Tensor]:
-        """Per layer, the locating score of every FFN hidden neuron at the prompt's last token."""
+    def _scores(self, ids: Tensor, target: int, gen: torch.Generator) -> dict[int, Tensor]:
+        """Per layer, the locating score of every FFN hidden neuron at the last token of `ids` [L]
+        (the prompt and the target tokens before `target`)."""
         cfg = self.cfg
         if cfg.locate == "rand":  # [loc.-rand]
             return {l: torch.rand(self.adapter.intermediate_size(l), generator=gen) for l in self.layers}
-        if cfg.locate == "actv":  # [loc.-actv]
-            return {l: activations(self.model, self.tokenizer, self.adapter, l, [prompt])[0].abs()
-                    for l in self.layers}
-        return {l: input_x_gradient(self.model, self.tokenizer, self.adapter, l, prompt, target,  # Eq. 1
-                                    objective="logit").cpu()
-                for l in self.layers}
+        return {l: self._neuron_score(l, ids, target, cfg.locate == "actv") for l in self.layers}
+
+    def _neuron_score(self, layer: int, ids: Tensor, target: int, activation_only: bool) -> Tensor:
+        """|a| [loc.-actv], else Eq. 1's |a * d logit_target / d a| for the FFN hidden activation a at
+        the last token of `ids` [L] (on token ids: no re-tokenised text), [d_ff] float32 on the CPU."""
+        site = resolve_site(self.adapter, layer, "down_proj_input")
+        with torch.no_grad(), capture(self.adapter, site, stop=True) as seen:
+            run_until_captured(self.model, input_ids=ids[None])
+        a = seen[0][0, -1].float()
+        if activation_only:
+            return a.abs().cpu()
+        point = a.clone().requires_grad_(True)
+        last = torch.tensor([ids.shape[0] - 1])
+        with torch.enable_grad(), replace_at(self.adapter, site, last, point[None]):
+            logit = self.model(input_ids=ids[None], use_cache=False).logits[0, -1, target].float()
+            (grad,) = torch.autograd.grad(logit, point)
+        return (a * grad).abs().cpu()
 
     def _candidates(self, scores: dict[int, Tensor], exclude: set[tuple[int, int]] = frozenset()
                     ) -> list[tuple[int, int, float]]:
@@ -318,25 +330,23 @@ class MENT(Editor):
 
     # Plan ------------------------------------------------------------------------------------
 
-    def _fix_token(self, prompt: str, target: str, edit_id: int,
+    def _fix_token(self, prefix: list[int], t: int, edit_id: int,
                    originals: dict[tuple[int, int], Tensor]) -> dict[str, Any]:
-        """Patch neurons until the target's first token follows `prompt`, or the quota is spent;
+        """Patch neurons until token `t` follows the token ids `prefix`, or the quota is spent;
         `originals` collects each patched column's value before its first patch."""
         cfg = self.cfg
-        ids_list, start = target_positions(self.tokenizer, prompt, target)
-        ids = torch.tensor(ids_list[:start], dtype=torch.long, device=self.device)
-        t = ids_list[start]
+        ids = torch.tensor(prefix, dtype=torch.long, device=self.device)
         logprobs, residual = self._next_token(ids)
         before = {"rank": rank_of(logprobs, t), "prob": float(logprobs[t].exp())}
         applied: list[Patch] = []
         if int(logprobs.argmax()) == t:
             return {"patches": applied, "resolved": True, "before": before, "after": before}
-        r_in = self.adapter.embeddings.weight[ids_list[start - 1]].detach().float()
+        r_in = self.adapter.embeddings.weight[prefix[-1]].detach().float()
         done: set[tuple[int, int]] = set()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + edit_id)  # [loc.-rand]
         while int(logprobs.argmax()) != t and len(applied) < cfg.quota:
             # Locate on the model as patched so far: the attribution of a patched model has changed.
-            candidates = self._candidates(self._scores(prompt, target, gen), exclude=done)
+            candidates = self._candidates(self._scores(ids, t, gen), exclude=done)
             if not candidates:
                 break
             r_out = self._output_side(logprobs, residual, t)
@@ -365,20 +375,12 @@ class MENT(Editor):
         return {"patches": applied, "resolved": resolved, "before": before,
                 "after": {"rank": rank_of(logprobs, t), "prob": float(logprobs[t].exp())}}
 
-    def _token_steps(self, record) -> list[tuple[str, str]]:
-        """(prompt, target) per target token: the prompt extended by the target tokens before it."""
+    def _token_steps(self, record) -> list[tuple[list[int], int]]:
+        """(prefix ids, target token id) per target token, on the token ids of the teacher-forced
+        record: the prompt extended by the target tokens before it. (Re-tokenising decoded text
+        does not give these ids back for a byte-level BPE whose words carry their leading space.)"""
         ids, start = target_positions(self.tokenizer, record.prompt, record.target_new)
-        steps = [(record.prompt, record.target_new)]
-        for j in range(start + 1, len(ids)):
-            prefix = self.tokenizer.decode(ids[:j], skip_special_tokens=True)
-            rest = self.tokenizer.decode(ids[j:], skip_special_tokens=True)
-            ids_j, start_j = target_positions(self.tokenizer, prefix, rest)
-            if ids_j[:start_j] != ids[:j] or ids_j[start_j] != ids[j]:
-                raise ValueError(f"record {record.case_id!r}: target {record.target_new!r} does not re-tokenise "
-                                 f"token by token after prompt {record.prompt!r}; MENT needs each target "
-                                 "token's prefix as text")
-            steps.append((prefix, rest))
-        return steps
+        return [(ids[:j], ids[j]) for j in range(start, len(ids))]
 
     # Probes (RQ3) ----------------------------------------------------------------------------
 
@@ -398,8 +400,8 @@ class MENT(Editor):
             probes_before, first_target, original = self._probe_before(record)
             originals: dict[tuple[int, int], Tensor] = {}  # columns before this edit, to undo a skip
             steps, patches, resolved, per_token = self._token_steps(record), [], True, []
-            for prompt, target in steps:
-                out = self._fix_token(prompt, target, edit_id, originals)
+            for prefix, token in steps:
+                out = self._fix_token(prefix, token, edit_id, originals)
                 patches += out["patches"]
                 per_token.append(out)
                 if not out["resolved"]:

@@ -78,12 +78,18 @@ class WiseConfig:
     norm_constraint: float | None = 1.0
     """Clamp each entry of D to this magnitude after every step; None = unconstrained."""
     alpha: float = 5.0
-    """Eq. 5: irrelevant inputs' activation score is pushed below alpha (act_margin[0]). In the
-    units of the layer's output norm: size-dependent, set per model in the YAML."""
+    """Eq. 5: irrelevant inputs' activation score is pushed below alpha (act_margin[0]), in units of
+    `act_margin_unit`. The score is a norm of the layer's MLP output change: size-dependent."""
     beta: float = 20.0
     """Eq. 5: the edit's activation score is pushed above beta (act_margin[1])."""
     gamma: float = 10.0
     """Eq. 5: the edit's score exceeds each irrelevant input's by at least gamma (act_margin[2])."""
+    act_margin_unit: float | None = 1.0
+    """alpha, beta and gamma are multiples of this (the paper: 1.0, absolute). None: from the model, in
+    `prepare(corpus)`: the median per-token norm of the layer's MLP output (down projection, no
+    bias) over `unit_samples` corpus lines; the value found is recorded here (editor.json)."""
+    unit_samples: int = 200
+    """With `act_margin_unit: null`, corpus lines (a seeded sample) whose tokens give the unit."""
     act_ratio: float = 0.88
     """Routing threshold = act_ratio * the smallest edit activation score seen while editing (Eq. 4)."""
     save_freq: int = 500
@@ -126,6 +132,9 @@ class WiseConfig:
             raise ValueError(f"editor.act_scope is {self.act_scope!r}; expected one of {', '.join(ACT_SCOPES)}")
         if self.n_irrelevant < 1:
             raise ValueError(f"editor.n_irrelevant is {self.n_irrelevant}; expected >= 1")
+        if (self.act_margin_unit is not None and self.act_margin_unit <= 0) or self.unit_samples < 1:
+            raise ValueError(f"editor.act_margin_unit must be > 0 (or null: from the model) and unit_samples >= 1 "
+                             f"(got {self.act_margin_unit}, {self.unit_samples})")
 
 
 def ties_merge(deltas: list[Tensor], density: float, weights: list[float]) -> Tensor:
@@ -194,6 +203,23 @@ class Wise(HeldRouting, Editor):
             raise ValueError("WISE needs irrelevant inputs for its margin loss: prepare(corpus) with a text "
                              "corpus (the job's data.corpus; the embedded worlds have one)")
         self.corpus = lines
+        if self.cfg.act_margin_unit is None:
+            self.cfg.act_margin_unit = self._output_norm(lines)
+
+    def _output_norm(self, lines: list[str]) -> float:
+        """The median per-token norm of the layer's MLP output (a W^T, no bias) over a seeded sample of
+        `lines`: the scale of Eq. 5's activation scores, which are norms of a change of that output.
+        Measured: 4.19 at toyworld's layer 1 (the fitted alpha 5 is 1.2 of it), 4.41 at toyworld-gpt2's
+        layer 1; from 3.2 to 8.7 across the two worlds' layers."""
+        from lightning_edit.locate import activations
+
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(self.cfg.seed)).tolist()
+        sample = [lines[i] for i in order[:self.cfg.unit_samples]]
+        weight = self.adapter.down_proj_weight(self.layer).detach().float()
+        with torch.no_grad():
+            acts = torch.cat(activations(self.model, self.tokenizer, self.adapter, self.layer, sample,
+                                         position="all"))
+            return float((acts.to(weight.device) @ weight.T).norm(dim=-1).median())
 
     # --- memories and routing ---------------------------------------------------------------------
 
@@ -322,9 +348,13 @@ class Wise(HeldRouting, Editor):
             t = t[t > 0]
             return t.mean() if t.numel() else edit_scores.new_zeros(())
 
-        gap = irrelevant_scores.view(-1, 1) - edit_scores.view(1, -1) + cfg.gamma
-        return (hinge_mean(gap) + hinge_mean(irrelevant_scores - cfg.alpha)
-                + hinge_mean(cfg.beta - edit_scores))
+        if cfg.act_margin_unit is None:
+            raise ValueError("WISE: editor.act_margin_unit is null (from the model) but prepare(corpus) was not "
+                             "called before the first edit")
+        unit = cfg.act_margin_unit
+        gap = irrelevant_scores.view(-1, 1) - edit_scores.view(1, -1) + cfg.gamma * unit
+        return (hinge_mean(gap) + hinge_mean(irrelevant_scores - cfg.alpha * unit)
+                + hinge_mean(cfg.beta * unit - edit_scores))
 
     def apply(self, records: list) -> list[LedgerEntry]:
         return [self._edit_one(record) for record in records]

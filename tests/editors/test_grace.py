@@ -67,3 +67,29 @@ def test_grace_codebook_expands_for_same_label_and_splits_on_conflict(small_worl
     d = torch.cdist(editor.keys[:1], editor.keys[1:]).item()
     assert editor.epsilons[1].item() == pytest.approx(d / 2, rel=1e-5)
     assert editor.epsilons[0].item() < d / 2  # the two balls no longer overlap
+
+
+def test_grace_eps_from_the_models_key_distances(small_world, world_model, records_to_flip, small_corpus):
+    """`eps: null`: eps_scale x the median distance from a corpus line's key (its last token at the
+    codebook's layer) to the nearest other line's, computed in prepare and recorded in the config;
+    an edit before prepare is refused."""
+    from lightning_edit.editors.state import _settings
+    from lightning_edit.locate import activations
+
+    model, tokenizer = world_model
+    params = {**GRACE, "eps": None, "eps_scale": 1.3, "eps_samples": 60}
+    unprepared = editor_for("grace", params, small_world, world_model)
+    with pytest.raises(ValueError, match="prepare"):
+        unprepared.apply([records_to_flip[0]])
+    editor = editor_for("grace", params, small_world, world_model, small_corpus)
+    order = torch.randperm(len(small_corpus), generator=torch.Generator().manual_seed(0)).tolist()
+    keys = activations(model, tokenizer, editor.adapter, editor.layer, [small_corpus[i] for i in order[:60]])
+    dist = torch.cdist(keys.double(), keys.double())
+    dist.fill_diagonal_(float("inf"))
+    nearest = dist.min(dim=1).values
+    expected = 1.3 * nearest[nearest > 0].median().item()
+    assert editor.cfg.eps == pytest.approx(expected, rel=1e-4) and _settings(editor)["config"]["eps"] == editor.cfg.eps
+    (entry,) = editor.apply([records_to_flip[0]])
+    assert entry.extra["epsilon"] == pytest.approx(editor.cfg.eps)  # a new ball gets the derived radius
+    doubled = editor_for("grace", {**params, "eps_scale": 2.6}, small_world, world_model, small_corpus)
+    assert doubled.cfg.eps == pytest.approx(2 * editor.cfg.eps, rel=1e-5)

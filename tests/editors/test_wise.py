@@ -73,3 +73,22 @@ def test_ties_merge_keeps_disjoint_changes_and_elects_signs():
     merged = ties_merge([a, b], density=1.0, weights=[0.5, 0.5])
     # Disjoint entries keep their value; a sign conflict keeps the elected sign's mean (tie -> +).
     assert torch.equal(merged, torch.tensor([[1.0, 3.0, 2.0, 0.0]]))
+
+
+def test_wise_margins_in_units_of_the_layers_output_norm(small_world, world_model, small_corpus):
+    """`act_margin_unit: null`: Eq. 5's margins are multiples of the median per-token norm of the layer's
+    MLP output over corpus lines, measured in prepare and recorded; the hinge terms use the product."""
+    from lightning_edit.locate import activations
+
+    model, tokenizer = world_model
+    params = {**WISE, "act_margin_unit": None, "unit_samples": 40, "alpha": 1.0, "beta": 4.0, "gamma": 2.0}
+    editor = editor_for("wise", params, small_world, world_model, small_corpus)
+    order = torch.randperm(len(small_corpus), generator=torch.Generator().manual_seed(0)).tolist()
+    acts = torch.cat(activations(model, tokenizer, editor.adapter, editor.layer,
+                                 [small_corpus[i] for i in order[:40]], position="all"))
+    unit = (acts @ editor.adapter.down_proj_weight(editor.layer).detach().float().T).norm(dim=-1).median().item()
+    assert unit > 0 and editor.cfg.act_margin_unit == pytest.approx(unit, rel=1e-4)
+    # An edit scoring beta x unit with an irrelevant input at alpha x unit violates no hinge; 10% less does.
+    edit_score, irrelevant = torch.tensor([4.0 * unit]), torch.tensor([1.0 * unit])
+    assert editor._margin_loss(edit_score, irrelevant).item() == 0.0
+    assert editor._margin_loss(edit_score * 0.9, irrelevant).item() > 0.0

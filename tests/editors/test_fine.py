@@ -19,10 +19,11 @@ def records(world, n: int):
     return stream.records
 
 
-def test_fine_changes_only_its_columns_and_round_trips(small_world, tmp_path):
+def test_fine_changes_only_its_columns_and_round_trips(small_world, small_corpus, tmp_path):
     model, tokenizer, adapter = fresh(small_world)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     editor = new_editor("fine", yaml_editor("fine"), model, tokenizer, adapter, model_name=str(small_world.model_dir))
+    editor.prepare(small_corpus)  # the shipped config derives its lr from the model here
     assert isinstance(editor, FiNE)
     record = records(small_world, 1)[0]
     assert not teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
@@ -58,3 +59,31 @@ def test_fine_contribution_is_activation_times_logit_of_column():
     down = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]])  # [d_model 2, d_ff 3]
     row = torch.tensor([3.0, -1.0])  # W_U[t]
     assert contributions(acts, down, row).tolist() == [3.0, 2.0, 2.5]
+
+
+def test_fine_lr_from_the_residual_scale(small_world, small_corpus):
+    """`lr: null`: lr_scale x the median RMS of the final norm's input at the last token of corpus lines,
+    set in prepare and recorded in the config; an edit before prepare is refused."""
+    import pytest
+
+    from lightning_edit.data import read_edits
+    from lightning_edit.editors.state import _settings
+    from lightning_edit.tokens import encode_prompt
+
+    model, tokenizer, adapter = fresh(small_world)
+    params = {**yaml_editor("fine"), "lr": None, "lr_scale": 0.01, "lr_samples": 30}
+    editor = new_editor("fine", params, model, tokenizer, adapter)
+    with pytest.raises(ValueError, match="prepare"):
+        editor.apply(read_edits(small_world.counterfact_path)[:1])
+    editor.prepare(small_corpus)
+    order = torch.randperm(len(small_corpus), generator=torch.Generator().manual_seed(0)).tolist()[:30]
+    rms = []
+    for i in order:
+        seen = []
+        handle = adapter.final_norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([encode_prompt(tokenizer, small_corpus[i])]))
+        handle.remove()
+        rms.append(seen[0][0, -1].pow(2).mean().sqrt())
+    expected = 0.01 * torch.stack(rms).median().item()
+    assert editor.cfg.lr == pytest.approx(expected, rel=1e-5) and _settings(editor)["config"]["lr"] == editor.cfg.lr

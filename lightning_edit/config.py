@@ -40,6 +40,12 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     device: str = "auto"
     """Where editing runs: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`..."""
+    device_map: Any = None
+    """Split the model over devices through accelerate (then `device` is not used): `auto`,
+    `balanced`, `balanced_low_0`, `sequential` or {module name: device}, e.g.
+    `{model.embed_tokens: 0, model.layers.0: 0, model.layers.1: 1, model.norm: 1, lm_head: 1}`.
+    Every editor works on each layer's own device; offloaded layers ("cpu" beside GPUs, "disk") run
+    but cannot be edited."""
 
 
 @dataclass

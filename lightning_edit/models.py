@@ -14,8 +14,10 @@ value is what runs record.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -65,16 +67,26 @@ def parse_layer(spec: int | str, key: str = "layer") -> int | float:
         raise ValueError(f"{key} is {spec!r}; {LAYER_NOTATION}") from None
 
 
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def load_model(
-    name: str, dtype: str = "float32", device: str = "cpu"
+    name: str, dtype: str = "float32", device: str = "cpu", device_map: str | Mapping[str, Any] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an embedded world name, a local directory or the hub.
 
     The model comes back in eval mode; a tokenizer without a pad token pads with its EOS token, so
     batched scoring works for every model the same way.
+
+    `device_map` (then `device` is not used): "auto", "balanced", "balanced_low_0", "sequential" or an
+    explicit {module name: device} map (devices as 0, "cuda:1", "cpu", "disk"), loaded through
+    accelerate, which places each layer and moves hidden states between devices. Layers it offloads
+    (to "cpu" beside GPUs, or to "disk") keep their weights on the meta device between passes: they
+    run, but cannot be edited (`ModelAdapter.down_proj_weight` refuses them; see `offloaded_modules`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    placement = {"device_map": check_device_map(device_map)} if device_map is not None else {}
     path = _world_model_path(name) or name
     if Path(path).is_absolute() and not Path(path).is_dir():
         # An absolute path is never a hub id: say so instead of a confusing repo-id error.
@@ -82,7 +94,11 @@ def load_model(
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise OSError(f"could not load model {name!r}: directory {str(path)!r} has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        if device_map is not None and "disk" in _map_devices(device_map):
+            import tempfile
+
+            placement["offload_folder"] = tempfile.mkdtemp(prefix="lightning-edit-offload-")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **placement)
         tokenizer = _load_tokenizer(path)
     except OSError as err:
         if Path(path).is_dir():  # e.g. a directory without config.json or tokenizer files
@@ -93,7 +109,44 @@ def load_model(
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model = model.to(device)
+    elif offloaded := offloaded_modules(model):
+        print(f"[lightning-edit] device_map offloads {len(offloaded)} module(s) (e.g. {offloaded[0]!r}): they run "
+              "but cannot be edited", file=sys.stderr)
+    return model.eval(), tokenizer
+
+
+def check_device_map(device_map: Any) -> str | dict[str, Any]:
+    """`device_map` as accelerate takes it, or a ValueError naming what is expected; accelerate must be
+    installed (`pip install accelerate`, or the `eval` extra)."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_NAMES:
+            raise ValueError(f"model.device_map {device_map!r} is not a strategy; expected one of "
+                             f"{list(DEVICE_MAP_NAMES)} or a {{module: device}} map")
+    elif isinstance(device_map, Mapping) and device_map:
+        bad = {k: v for k, v in device_map.items() if not isinstance(k, str) or not isinstance(v, (int, str))}
+        if bad:
+            raise ValueError(f"model.device_map entries {bad} are not module name -> device (0, 'cuda:1', "
+                             "'cpu', 'disk')")
+        device_map = dict(device_map)
+    else:
+        raise ValueError(f"model.device_map must be one of {list(DEVICE_MAP_NAMES)} or a non-empty "
+                         f"{{module: device}} map, got {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError("model.device_map needs accelerate: pip install accelerate (or the project's "
+                         "`eval` extra)")
+    return device_map
+
+
+def _map_devices(device_map: Any) -> set[str]:
+    return {str(v) for v in device_map.values()} if isinstance(device_map, Mapping) else set()
+
+
+def offloaded_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose own weights sit on the meta device (offloaded by accelerate)."""
+    return [name for name, module in model.named_modules()
+            if any(p.device.type == "meta" for p in module.parameters(recurse=False))]
 
 
 def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -112,11 +165,45 @@ def _world_model_path(name: str) -> Path | None:
 
 
 def model_device(module: nn.Module) -> torch.device:
-    """Where a module's parameters live (CPU for a module without any)."""
-    try:
-        return next(module.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where a module's parameters live (CPU for a module without any). For a whole model loaded with a
+    device map this is its first parameter's device (the embeddings': where input ids go); a layer's
+    own is `module_device(layer)`."""
+    return module_device(module)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: the execution device accelerate's hook gives it (offloaded modules keep
+    their weights on the meta device), else its first parameter's device, else CPU."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The values of `model`'s tensor `name` that a device map offloaded (its parameter is on the meta
+    device), read from the accelerate hook that holds them (its weights map)."""
+    module_name, _, tensor_name = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None or tensor_name not in weights:
+        raise ValueError(f"{name} is on the meta device and no accelerate hook holds its values")
+    return weights[tensor_name]
+
+
+def resident_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """`module.parameters()` in order, an offloaded one (on the meta device) by its offloaded values."""
+    return [offloaded_value(module, name) if p.device.type == "meta" else p
+            for name, p in module.named_parameters()]
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of `module`'s first floating parameter (float32 for a module without any)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 @contextmanager
@@ -305,8 +392,25 @@ class ModelAdapter:
 
     def down_proj_weight(self, i: int) -> torch.Tensor:
         """Down projection weight as [d_model, d_ff], aliasing the parameter: in-place edits (under
-        torch.no_grad) land in the model."""
-        return weight_out_in(self.down_proj(i))
+        torch.no_grad) land in the model. A ValueError for a layer a device map offloaded (its weight
+        is on the meta device, where an edit would silently be lost)."""
+        weight = weight_out_in(self.down_proj(i))
+        if weight.device.type == "meta":
+            raise ValueError(f"layer {i}'s down projection ({self.down_proj_name(i)}) is offloaded by "
+                             "model.device_map (its weights are on the meta device): an edited layer "
+                             "must be mapped to a device (a GPU, or cpu when the whole model is on cpu)")
+        return weight
+
+    def layer_device(self, i: int) -> torch.device:
+        """The device layer i computes on (its own under a device map)."""
+        return module_device(self.layer(i))
+
+    def layer_dtype(self, i: int) -> torch.dtype:
+        return module_dtype(self.layer(i))
+
+    def hookpoint_device(self, hookpoint: str) -> torch.device:
+        """The device the module at `hookpoint` computes on (what a component attached there follows)."""
+        return module_device(self.module(hookpoint))
 
     def intermediate_size(self, i: int) -> int:
         return linear_dims(self.down_proj(i))[0]

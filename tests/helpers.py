@@ -213,3 +213,55 @@ def corpus_files(root: Path) -> dict[str, Path]:
     ds.save_to_disk(str(root / "saved"))
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(root / "saved_dict"))
     return {k: root / k for k in ("lines.txt", "whole.txt", "docs.jsonl", "docs.parquet", "saved", "saved_dict")}
+
+
+# A short stream of every registered method on the small world (bf16, device map and GPU tests): its
+# YAML with what the 2-layer small world needs instead of the default world's layers, short step budgets.
+SHORT_STREAM = {
+    "microedit": ["editor.stage1_max_steps=5", "editor.stage2_max_steps=30", "editor.gate=none"],
+    "ft": ["editor.max_steps=20"],
+    "ment": ["editor.layers=[0,1]"],
+    "fine": ["editor.max_steps=20"],
+    "grace": ["editor.n_iter=20"],
+    "wise": ["editor.layer=0", "editor.n_iter=20"],
+    "rome": ["editor.v_steps=20"],
+    "tcpe": ["editor.v_steps=20", "editor.v_lr=0.1"],
+    "pnke": ["editor.layer=0", "editor.v_steps=20", "editor.preserve_corpus_samples=100"],
+    "memit": ["editor.layers=[0,1]", "editor.v_steps=20"],
+    "alphaedit": ["editor.layers=[0,1]", "editor.v_steps=20"],
+}
+
+
+def method_config(method: str) -> Path:
+    """configs/<method>.yaml or configs/baselines/<method>.yaml."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return next(p for p in (root / f"{method}.yaml", root / "baselines" / f"{method}.yaml") if p.is_file())
+
+
+def short_stream(method: str, model, tokenizer, records, corpus, sae, transcoder, stats_dir) -> tuple:
+    """Build `method` over `model` from its YAML (SHORT_STREAM's overrides; the small world's SAE and
+    transcoder folders `sae`, `transcoder`), prepare it on `corpus`, apply `records` one by one:
+    (editor, mean target NLL before, after). MENT declines some single records (its neuron quota), so
+    callers pass two or more and judge the mean."""
+    from lightning_edit.config import load_config
+    from lightning_edit.jobs.edit import SCHEMA
+    from lightning_edit.jobs.edit_run import _container
+
+    cfg = load_config(SCHEMA, [f"config={method_config(method)}", *SHORT_STREAM[method]])
+    params = _container(cfg.editor)
+    if method in ("tcpe", "pnke"):
+        params["stats_dir"] = stats_dir
+    component = {"microedit": {"path": sae[0], "hookpoint": sae[1]},
+                 "tcpe": {"path": transcoder[0], "hookpoint": HOOKPOINT}}.get(method, {})
+    editor = new_editor(method, params, model, tokenizer, ModelAdapter(model), component, "toyworld-small")
+    editor.prepare(corpus)
+    prompts, targets = [r.prompt for r in records], [r.target_new for r in records]
+    before = teacher_forced(model, tokenizer, prompts, targets)
+    entries = [e for r in records for e in editor.apply([r])]
+    assert entries and all(torch.isfinite(torch.tensor(e.delta_norm)) for e in entries), method
+    with editor.edited() as edited:
+        after = teacher_forced(edited, tokenizer, prompts, targets)
+        ids = tokenizer(prompts, return_tensors="pt", padding=True).to(editor.device)
+        assert torch.isfinite(edited(**ids).logits.float()).all(), method
+    mean = lambda scores: sum(s.nll for s in scores) / len(scores)  # noqa: E731
+    return editor, mean(before), mean(after)

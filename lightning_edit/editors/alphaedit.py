@@ -66,12 +66,12 @@ class AlphaEdit(MEMIT):
         super().setup()
         adapter = self.adapter
         self.projections: dict[int, torch.Tensor] = {}
-        """layer -> P_l [d_ff, d_ff] (float64, on the model's device), from `prepare`."""
+        """layer -> P_l [d_ff, d_ff] (`stats_dtype`, on layer l's device), from `prepare`."""
         self.null_dims: dict[int, int] = {}
         """layer -> rank of P_l (how many directions the preserved keys leave free)."""
         self.key_cache: dict[int, torch.Tensor] = {
             layer: torch.zeros(adapter.intermediate_size(layer), adapter.intermediate_size(layer),
-                               dtype=torch.float64, device=self.device)
+                               dtype=self.stats_dtype, device=adapter.layer_device(layer))
             for layer in self.layers}
         """layer -> K_p K_p^T [d_ff, d_ff], the keys of every edit so far (saved with the edit state)."""
 
@@ -86,7 +86,8 @@ class AlphaEdit(MEMIT):
                                self.cfg.stats_batch_size, self.name).double()
             eigenvalues, eigenvectors = torch.linalg.eigh(c)
             free = eigenvectors[:, eigenvalues < self.cfg.nullspace_threshold]   # U_hat, [d_ff, r]
-            self.projections[layer] = (free @ free.T).to(self.device)             # P = U_hat U_hat^T
+            self.projections[layer] = (free @ free.T).to(self.adapter.layer_device(layer),
+                                                         self.stats_dtype)         # P = U_hat U_hat^T
             self.null_dims[layer] = free.shape[1]
         if not any(self.null_dims.values()):
             raise ValueError(f"AlphaEdit: no eigenvalue of C_l falls below editor.nullspace_threshold="
@@ -101,8 +102,8 @@ class AlphaEdit(MEMIT):
 
     def update(self, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Delta_l = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1, [d_model, d_ff] (float64)."""
-        p = self.projections[layer]
-        lhs = p @ (keys @ keys.T + self.key_cache[layer])
+        p = self.projections[layer].double()
+        lhs = p @ (keys @ keys.T + self.key_cache[layer].double())
         per_dim = self.cfg.l2_weight_per_dim
         lhs.diagonal().add_(self.cfg.l2_weight if per_dim is None else per_dim * keys.shape[0])
         return torch.linalg.solve(lhs, p @ keys @ residual.T).T
@@ -111,7 +112,7 @@ class AlphaEdit(MEMIT):
         """The batch joins K_p, its keys read from the edited model."""
         for layer in self.layers:
             keys = self._keys(layer, records)
-            self.key_cache[layer] += keys @ keys.T
+            self.key_cache[layer] += (keys @ keys.T).to(self.key_cache[layer].dtype)
 
     def ledger_extra(self, records: list, norms: dict[str, float]) -> dict[str, Any]:
         return {**super().ledger_extra(records, norms), "null_dims": {str(k): v for k, v in self.null_dims.items()}}
@@ -129,5 +130,6 @@ class AlphaEdit(MEMIT):
             raise ValueError(f"AlphaEdit edit state's key_cache is for layers {sorted(cache)}; this editor edits "
                              f"layers {self.layers}")
         super().load_state_dict(state)  # checks the tensors before it writes anything
-        self.key_cache = {layer: cache[str(layer)].to(device=self.device, dtype=torch.float64).clone()
+        self.key_cache = {layer: cache[str(layer)].to(device=self.adapter.layer_device(layer),
+                                                      dtype=self.stats_dtype).clone()
                           for layer in self.layers}

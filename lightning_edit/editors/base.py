@@ -247,7 +247,13 @@ class Editor(ABC):
 
     @property
     def device(self) -> torch.device:
+        """Where input ids go: the model's first parameter's device (its embeddings')."""
         return model_device(self.model)
+
+    def device_of(self, layer: int) -> torch.device:
+        """The device layer `layer` computes on: what its statistics, side tensors and hooks follow (the
+        model's own device unless `model.device_map` splits it)."""
+        return self.adapter.layer_device(layer)
 
 
 def solved_edit_fields(result: Any, after: Any) -> dict[str, Any]:

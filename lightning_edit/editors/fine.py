@@ -218,8 +218,9 @@ class FiNE(Editor):
             chosen = self.locate(record.prompt, token)
             groups: dict[int, tuple[Tensor, Tensor]] = {}
             for layer in sorted({layer for layer, _, _ in chosen}):
-                idx = torch.tensor([n for l, n, _ in chosen if l == layer], dtype=torch.long, device=device)
-                groups[layer] = (idx, torch.zeros(self.adapter.hidden_size, len(idx), device=device,
+                at = self.device_of(layer)  # each layer's deltas on that layer's device
+                idx = torch.tensor([n for l, n, _ in chosen if l == layer], dtype=torch.long, device=at)
+                groups[layer] = (idx, torch.zeros(self.adapter.hidden_size, len(idx), device=at,
                                                   requires_grad=True))
             params = [delta for _, delta in groups.values()]
             if cfg.lr is None:

@@ -134,7 +134,7 @@ class Grace(Editor):
         self.hookpoint = self.adapter.down_proj_name(self.layer)  # the codebook replaces this module's output
         cfg, adapter = self.cfg, self.adapter
         d_ff, d_model = adapter.intermediate_size(self.layer), adapter.hidden_size
-        device = self.device
+        device = self.device_of(self.layer)  # the codebook follows its layer
         # The codebook, one row per entry.
         self.keys = torch.zeros(0, d_ff, device=device)  # [n, d_ff]
         self.values = torch.zeros(0, d_model, device=device)  # [n, d_model]
@@ -543,7 +543,7 @@ class Grace(Editor):
         if keys.shape[1:] != self.keys.shape[1:] or values.shape[1:] != self.values.shape[1:]:
             raise ValueError(f"GRACE edit state has keys {list(keys.shape)} and values {list(values.shape)}; "
                              f"this layer takes [n, {self.keys.shape[1]}] and [n, {self.values.shape[1]}]")
-        device = self.device
+        device = self.device_of(self.layer)
         self.keys = keys.to(device, torch.float32).clone()
         self.values = values.to(device, torch.float32).clone()
         self.epsilons = state["epsilons"].to(device, torch.float32).clone()

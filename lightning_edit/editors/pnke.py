@@ -238,7 +238,7 @@ class PNKE(Editor):
             else dict(site="down_proj_input")
         c = second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, n, **site,
                           batch_size=self.cfg.stats_batch_size, cache=self.cfg.stats_dir, dtype=torch.float64)
-        self.corpus_moment = c.to(self.device)
+        self.corpus_moment = c.to(self.device_of(self.layer))
 
     def semantic_prompts(self, record) -> list[str]:
         """P_sem: the prompt, its paraphrases, then the relation's templates with the subject; at most m_sem."""
@@ -279,14 +279,14 @@ class PNKE(Editor):
     def _preserve_moment(self, record, neurons: Tensor) -> Tensor:
         """mean h0 h0^T over the preserve samples, restricted to `neurons`: [c, c] float64."""
         c = len(neurons)
-        moment = torch.zeros(c, c, dtype=torch.float64, device=self.device)
+        moment = torch.zeros(c, c, dtype=torch.float64, device=self.device_of(self.layer))
         if self.corpus_moment is not None:
             moment += self.corpus_moment[neurons][:, neurons]
         prompts = [pair.prompt for pair in record.locality] if self.cfg.preserve_locality else []
         if prompts:
             rows = self._acts(prompts, [None] * len(prompts), position="all")
             h0 = torch.cat([r[1:] if len(r) > 1 else r for r in rows])[:, neurons.cpu()]  # BOS left out
-            h0 = h0.to(self.device, torch.float64)
+            h0 = h0.to(self.device_of(self.layer), torch.float64)
             moment += h0.T @ h0 / len(h0)
         return moment
 
@@ -300,7 +300,7 @@ class PNKE(Editor):
         with self.edited():
             before_edit = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
         found = self.locate(record)
-        neurons = found["critical"].to(self.device)
+        neurons = found["critical"].to(self.device_of(self.layer))
         preserve = self._preserve_moment(record, neurons)
         w = self.out_weight()
         before = w[:, neurons].detach().clone()
@@ -338,7 +338,7 @@ class PNKE(Editor):
         with self.edited():
             result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
             h = self._acts([record.prompt], [record.subject])[0]
-        h_full = h.to(self.device, torch.float64)  # [n]
+        h_full = h.to(self.device_of(self.layer), torch.float64)  # [n]
         h1 = h_full[neurons]  # [c]
         residual = result.delta.double()  # V1' - W h1: the change the MLP output needs at the key, [d]
         a = torch.outer(h1, h1) + self.cfg.preserve_weight * preserve  # [c, c]
@@ -430,6 +430,6 @@ class PNKE(Editor):
             w[:, idx] = values.T
         self._base_cols = {int(m): b.clone() for m, b in zip(neurons.tolist(), base)}
         keys, values = state.get("edit_keys"), state.get("edit_values")
-        self._edit_keys = [k.to(self.device, torch.float64) for k in keys] if keys is not None else []
-        self._edit_values = [v.to(self.device, torch.float64) for v in values] if values is not None else []
+        self._edit_keys = [k.to(self.device_of(self.layer), torch.float64) for k in keys] if keys is not None else []
+        self._edit_values = [v.to(self.device_of(self.layer), torch.float64) for v in values] if values is not None else []
         self.load_ledger(state["ledger"])

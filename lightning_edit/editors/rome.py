@@ -60,7 +60,7 @@ class ROME(Editor):
         """Name of the edited parameter relative to the adapter's base model."""
         self.solver = self.cfg.value_solver(value_site="mlp_output", key_site="down_proj_input", world=self.ctx.world)
         self.second_moment: torch.Tensor | None = None
-        """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the model's device), from `prepare`."""
+        """C = E[k k^T] [d_ff, d_ff] of the base model (float64, on the edited layer's device), from `prepare`."""
 
     def prepare(self, corpus: list[str] | None = None) -> None:
         """Estimate C over `corpus` with the unedited model (read from the statistics cache when there)."""
@@ -71,7 +71,7 @@ class ROME(Editor):
                              "is true): set data.corpus to a text file, one passage a line")
         c = editing_second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus,
                                   self.cfg.mom2_n_samples, self.cfg.stats_batch_size, self.name)
-        self.second_moment = c.to(device=self.device, dtype=torch.float64)
+        self.second_moment = c.to(device=self.adapter.layer_device(self.layer), dtype=torch.float64)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -93,7 +93,7 @@ class ROME(Editor):
         update = torch.outer(residual, u) / (u @ key)     # [d_model, d_ff]  (Eq. 2)
         with torch.no_grad():
             w = self.adapter.down_proj_weight(self.layer)
-            w.add_(update.to(w.dtype))
+            w.add_(update.to(w.device, w.dtype))
         seconds = time.perf_counter() - start
         after = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
         entry = LedgerEntry.for_record(

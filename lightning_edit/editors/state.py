@@ -33,6 +33,7 @@ from lightning_edit.constants import (
     TENSORS_FILE,
 )
 from lightning_edit.editors.base import Editor
+from lightning_edit.models import offloaded_value
 
 FORMAT_VERSION = 1
 TENSOR_KEY = "__tensor__"
@@ -45,6 +46,8 @@ def base_fingerprint(model: torch.nn.Module, values_per_tensor: int = 256) -> st
     with torch.no_grad():
         for name, param in model.state_dict().items():
             digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            if param.device.type == "meta":  # offloaded by a device map: its values wait in accelerate's hook
+                param = offloaded_value(model, name)
             digest.update(param.detach().flatten()[:values_per_tensor].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

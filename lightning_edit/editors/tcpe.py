@@ -88,7 +88,7 @@ class TCPE(Editor):
         self.latent_site = Site(f"{hookpoint}.latents", "output")
         self.solver = self.cfg.value_solver(value_site="mlp_output", key_site=None)
         self.c_inv: Tensor | None = None
-        """(C + ridge)^-1 [n, n] float64 on the model's device, from `prepare`."""
+        """(C + ridge)^-1 [n, n] float64 on the transcoder's device, from `prepare`."""
         self._base_rows: dict[int, Tensor] = {}
         """Decoder row -> its value in the unedited transcoder, for every row an edit changed."""
 
@@ -102,7 +102,7 @@ class TCPE(Editor):
         c = second_moment(self.model, self.tokenizer, self.adapter, self.layer, corpus, self.cfg.mom2_n_samples,
                           site="coder_latents", coder=self.coder, coder_site="mlp_input",
                           batch_size=self.cfg.stats_batch_size, cache=self.cfg.stats_dir, dtype=torch.float64)
-        c = c.to(self.device)
+        c = c.to(self.coder.W_dec.device)  # the transcoder follows its MLP's device
         ridge = self.cfg.mom2_ridge * c.diagonal().mean().clamp_min(1e-12)
         self.c_inv = torch.linalg.inv(c + ridge * torch.eye(len(c), dtype=c.dtype, device=c.device))
 
@@ -134,8 +134,9 @@ class TCPE(Editor):
         if self.c_inv is None:
             raise RuntimeError("TCPE: call prepare(corpus) before the first edit (it estimates C = E[z z^T])")
         start = time.perf_counter()
-        key = self.key(record.prompt, record.subject).to(self.device, torch.float64)  # k*, [n]
-        rows = self.support(key).to(self.device)  # S_j
+        at = self.coder.W_dec.device
+        key = self.key(record.prompt, record.subject).to(at, torch.float64)  # k*, [n]
+        rows = self.support(key).to(at)  # S_j
         with self.edited():
             result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, self.solver)
         residual = result.delta.double()  # v* - (W k* + b): h is the transcoder's output at the key

@@ -337,8 +337,9 @@ class Wise(HeldRouting, Editor):
                           in_scope.to(device), out_edit.to(device))
 
     def _new_shard(self) -> None:
-        self.current = torch.zeros(self.shape, device=self.device)
-        self.mask = torch.rand(self.shape, generator=self._generator).to(self.device) < self.cfg.mask_ratio
+        device = self.device_of(self.layer)  # the side memory follows its layer
+        self.current = torch.zeros(self.shape, device=device)
+        self.mask = torch.rand(self.shape, generator=self._generator).to(device) < self.cfg.mask_ratio
 
     def _margin_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Eq. 5 (each hinge averaged over its violated terms, as EasyEdit does)."""
@@ -483,7 +484,7 @@ class Wise(HeldRouting, Editor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state_for(state, "hookpoint", self.hookpoint, "side memory (editor.layer)")
-        device = self.device
+        device = self.device_of(self.layer)
 
         def load(name: str, t: Tensor | None, dtype=torch.float32) -> Tensor | None:
             if t is None:

@@ -44,8 +44,17 @@ def resolve_component(request: ComponentRequest | None, component_cfg: Mapping[s
                              f"{request.who} a top-k {request.kind} (sparsify or SAELens folder) trained on "
                              f"{hookpoint!r} ({script})")
         path = default_component(world, request.kind, hookpoint, request.default_overrides)
-    return load_component(path, hookpoint, request.kind, adapter, device=model_device(model), who=request.who,
-                          model_desc=f"model {name!r}")
+    return load_component(path, hookpoint, request.kind, adapter, device=_device_at(adapter, model, hookpoint),
+                          who=request.who, model_desc=f"model {name!r}")
+
+
+def _device_at(adapter: Any, model: nn.Module, hookpoint: str):
+    """The device of the module at `hookpoint` (a component follows the module it attaches to, its own
+    under a device map); the model's for a name it does not have (load_component says what is wrong)."""
+    try:
+        return adapter.hookpoint_device(hookpoint)
+    except ValueError:
+        return model_device(model)
 
 
 def default_component(world: Any, kind: str, hookpoint: str, overrides: tuple[str, ...] | list[str] = ()) -> Path:

@@ -81,7 +81,8 @@ def build_edit_run(cfg: DictConfig) -> EditRun:
     stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, cfg.data.batch_size,
                         cfg.data.limit, model_name=cfg.model.name)
     stream.setup("fit")  # reads and validates every record: EditDataError names file, record, field
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device))
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device),
+                                  device_map=_container_or_value(cfg.model.get("device_map")))
     adapter = ModelAdapter(model)
     world = world_for(cfg.model.name)
     editor = new_editor(cfg.editor.method, _container(cfg.editor), model, tokenizer, adapter,
@@ -162,6 +163,11 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def _container_or_value(node: Any) -> Any:
+    """A config node as plain Python (a mapping as a dict, a scalar as it is)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _container(node: Any) -> dict[str, Any]:

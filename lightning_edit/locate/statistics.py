@@ -40,7 +40,7 @@ from lightning_edit.locate.activations import (
     run_until_captured,
     site_reader,
 )
-from lightning_edit.models import ModelAdapter, eval_mode, model_device
+from lightning_edit.models import ModelAdapter, eval_mode, model_device, resident_parameters
 from lightning_edit.tokens import encode_prompt, pad_id, right_padded
 
 CACHE_ENV = "LIGHTNING_EDIT_CACHE"
@@ -245,7 +245,9 @@ def _weights_hash(adapter: ModelAdapter, layer: int, hooked: Site) -> str:
         except ValueError:  # the MLP has no down projection of its own (e.g. a transcoder replaces it)
             pass
     skipped = {id(p) for module in skip for p in module.parameters()}
-    return tensor_hash([p for p in adapter.layer(layer).parameters() if id(p) not in skipped])
+    module = adapter.layer(layer)  # offloaded weights hashed by their values, as resident ones
+    return tensor_hash([value for p, value in zip(module.parameters(), resident_parameters(module))
+                        if id(p) not in skipped])
 
 
 def _coder_hash(coder: nn.Module | None) -> str:

@@ -265,8 +265,8 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
     onehot[rows, positions] = 1.0
     onehot = onehot.unsqueeze(-1)  # [B, T, 1]: where delta is added in each row
 
-    def add(x: torch.Tensor) -> torch.Tensor:
-        return x + onehot.to(x.dtype) * delta.to(x.dtype)
+    def add(x: torch.Tensor) -> torch.Tensor:  # at the layer's own device and dtype (a device map's too)
+        return x + onehot.to(x.device, x.dtype) * delta.to(x.device, x.dtype)
 
     if value_site.io == "output":
         hook, kind = (lambda module, args, output: with_hidden(output, add(hidden_of(output)))), "forward"
@@ -279,8 +279,14 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
             seen_value = stack.enter_context(capture(adapter, value_site))
             seen_key = stack.enter_context(capture(adapter, key_site)) if key_site is not None else None
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        original = seen_value[0][0, positions[0]].float()  # h, [d_model]
-        context_keys = seen_key[0][rows[:n_rw], positions[:n_rw]].float() if seen_key else None
+        # Under a device map the layer and the logits may sit on other devices than the input ids.
+        at_value = seen_value[0].device
+        original = seen_value[0][0, int(positions[0])].float()  # h, [d_model], on the layer's device
+        context_keys = (seen_key[0][rows[:n_rw].to(seen_key[0].device), positions[:n_rw].to(seen_key[0].device)]
+                        .float().to(at_value) if seen_key else None)
+        device = logits.device
+        rows, positions = rows.to(device), positions.to(device)
+        target_mask, next_ids = target_mask.to(device), next_ids.to(device)
         essence_init = torch.log_softmax(logits[rows[n_rw:], positions[n_rw:]].float(), dim=-1)
 
         delta = torch.zeros_like(original, requires_grad=True)  # read by `add` at call time
@@ -309,7 +315,7 @@ def compute_value(model: nn.Module, tok: Any, adapter: ModelAdapter, layer: int,
                     decay = delta.pow(2).sum() / h_norm.pow(2)
                 else:
                     decay = delta.norm() / h_norm.pow(2)
-                loss = nll + penalty * (cfg.kl_factor * kl + cfg.weight_decay * decay)
+                loss = nll + penalty * (cfg.kl_factor * kl + cfg.weight_decay * decay.to(device))
             row = {"total": loss.item(), "nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
                    "target_prob": token_lp.exp().mean().item(), "lr": opt.param_groups[0]["lr"], "penalty": penalty}
             losses.append(row)

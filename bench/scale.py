@@ -14,11 +14,12 @@ Per method and width (one model per width, one editor per method, built from the
 its step budgets capped at `--steps` so that a random model, which never reaches an edit's stopping
 test, costs the same steps as a real one that needs them all):
 - stats s: `editor.prepare(corpus)` (second moments, calibration) over `--corpus-lines` lines of the
-  world's corpus, cache off (`$LIGHTNING_EDIT_CACHE` points at a scratch folder while it runs);
+  world's corpus, computed afresh (`$LIGHTNING_EDIT_CACHE` and `editor.stats_dir` point at a scratch
+  folder of the cell's own);
 - s/edit: median wall time of `editor.apply([record])` over `--edits` records, and the steps it took;
 - fwd+bwd s: the same LM passes the edit made, replayed alone on the same model. Every call of the
   model's forward during an edit is recorded (batch shape, grad mode); each distinct shape is then
-  timed once (a forward, plus a backward from the logits to the input embeddings when the call ran
+  timed alone (fastest of three: a forward, plus a backward from the logits to the input embeddings when the call ran
   with grad on) and multiplied by its count. The replayed backward reaches the embeddings while an
   editor's stops at its edited layer, so the replay is an upper bound of the passes' cost and the
   ratio a lower bound. Passes that skip the model's forward (e.g. MicroEdit's stage-1 reconstruction
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help=f"every method at two small widths, < 5 min on 2 cores: {QUICK}")
     p.add_argument("--out", default=None, help="also write the table here (markdown; JSON beside it)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the table of a (possibly unfinished) run's JSON instead of measuring")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="editor overrides for every method "
                    "(editor.KEY=VALUE) or one (METHOD:editor.KEY=VALUE)")
     args = p.parse_args(argv)
@@ -168,7 +171,7 @@ def replay_seconds(model, calls: list[tuple[tuple[int, ...], bool]], sync) -> fl
     for (shape, grad), n in counts.items():
         ids = torch.randint(vocab, shape, device=device)
         took = []
-        for _ in range(2):  # the first also pays first-call costs: keep the faster
+        for _ in range(3):  # the first also pays first-call costs; other load on shared cores: keep the fastest
             sync()
             begin = time.perf_counter()
             if grad:
@@ -282,6 +285,11 @@ def run_cell(method: str, arch: Arch, width: int, args, world, records, corpus, 
         if not (folder / request.hookpoint).is_dir():
             random_component(request.kind, request.hookpoint, width, folder, args.device)
         component = {**component, "path": str(folder), "hookpoint": request.hookpoint}
+    names = {f.name for f in fields(cls.make_config(params))}
+    cell = scratch / f"{method}-{width}"  # statistics caches of this cell only: nothing is read from another
+    os.environ["LIGHTNING_EDIT_CACHE"] = str(cell / "cache")
+    if "stats_dir" in names:
+        params["stats_dir"] = str(cell / "stats")
     gc.collect()
     base_mem = memory_now(cuda)
     reset_peak(cuda)
@@ -352,9 +360,22 @@ def render(rows: list[dict], args, command: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_saved(path: Path) -> int:
+    """Print the table of a saved run (the JSON `--out` writes after every cell)."""
+    saved = json.loads(path.read_text())
+    args = parse_args(shlex.split(saved["command"])[2:])
+    methods = list(dict.fromkeys(r["method"] for r in saved["rows"]))
+    rows = sorted(saved["rows"], key=lambda r: (methods.index(r["method"]), r["width"]))
+    done = f"not recorded ({len(rows)} cells rendered from {path.name} by --render)"
+    print(render(rows, args, saved["command"], [saved.get("load_start", "?"), done]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "bench/scale.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.render:
+        return render_saved(Path(args.render))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
     from datamodules.edits import EditStream
@@ -377,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows: list[dict] = []
     out = Path(args.out) if args.out else None
+    saved = lambda: dict(command=command, load_start=load_start, rows=rows)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as scratch:
-        os.environ["LIGHTNING_EDIT_CACHE"] = str(Path(scratch) / "cache")  # no statistics cache hits
         for width in widths:
             for method in methods:
                 print(f"[scale] {method} at width {width} ...", file=sys.stderr, flush=True)
@@ -389,14 +410,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"[scale] {json.dumps(row)}", file=sys.stderr, flush=True)
                 if out:
-                    out.with_suffix(".json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+                    out.with_suffix(".json").write_text(json.dumps(saved(), indent=1))
     table = render(sorted(rows, key=lambda r: (methods.index(r["method"]), r["width"])), args, command,
                    [load_start, " ".join(f"{x:.2f}" for x in os.getloadavg())])
     print(table)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
-        out.with_suffix(".json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+        out.with_suffix(".json").write_text(json.dumps(saved(), indent=1))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -39,7 +39,7 @@ step sae_bf16 "grep -ho 'fvu[^,]*' $OUT/sae_bf16.log | tail -1" -- \
   threads=4 logger=csv trainer.enable_progress_bar=false output_dir="$OUT/sae" export_dir="$OUT/sae/export"
 
 step scale_bench "echo \$(grep -c 'error:' $OUT/scale_gpu.md) failing cells, table below" -- \
-  $PY bench/scale.py --widths 1024,4096 --dtype bfloat16 --device cuda --edits 3 --steps 8 --corpus-lines 512 \
+  $PY bench/scale.py --widths 1024,4096 --dtype bfloat16 --device cuda --edits 3 --steps 8 --corpus-lines 512 --sae 32768,65536 \
   --out "$OUT/scale_gpu.md"
 
 step microedit_100 "$PY -c \"import json; r=json.load(open('$OUT/microedit/results.json'))['rows'][-1]; print({k: round(v, 3) for k, v in r['final-state'].items() if isinstance(v, float)})\"" -- \

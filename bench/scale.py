@@ -9,6 +9,7 @@ real head size and d_ff / d_model ratio, so the top width of a sweep is the real
     python bench/scale.py --quick                      # every method, llama3-8b shape at widths 256, 512
     nice python bench/scale.py --widths 512,1024,2048,4096 --out bench/results/scale_llama3-8b.md
     python bench/scale.py --arch gpt-j-6b --methods rome,memit --widths 1024,4096 --dtype bfloat16 --device cuda
+    python bench/scale.py --widths 1024,4096 --device cuda --dtype bfloat16 --sae 32768,65536,131072
 
 Per method and width (one model per width, one editor per method, built from the method's YAML with
 its step budgets capped at `--steps` so that a random model, which never reaches an edit's stopping
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help=f"every method at two small widths, < 5 min on 2 cores: {QUICK}")
     p.add_argument("--out", default=None, help="also write the table here (markdown; JSON beside it)")
+    p.add_argument("--sae", default=None, metavar="LATENTS",
+                   help="also run bench/sae_throughput.py at d_in = the widest width with these latents "
+                        "(e.g. 32768,65536: tokens/s against sparsify in the same run, and memory)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="print the table of a (possibly unfinished) run's JSON instead of measuring")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="editor overrides for every method "
@@ -413,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
                     out.with_suffix(".json").write_text(json.dumps(saved(), indent=1))
     table = render(sorted(rows, key=lambda r: (methods.index(r["method"]), r["width"])), args, command,
                    [load_start, " ".join(f"{x:.2f}" for x in os.getloadavg())])
+    if args.sae:  # SAE training at the widest width: the throughput bench's own table, appended
+        import subprocess
+
+        sae = [sys.executable, str(REPO / "bench" / "sae_throughput.py"), "--d-in", str(max(widths)),
+               "--num-latents", args.sae, "--device", args.device, "--dtype", args.dtype,
+               "--threads", str(args.threads)]
+        sae += ["--out", str(out.with_name(out.stem + "_sae.md") if out else Path(tempfile.mkdtemp()) / "sae.md")]
+        done = subprocess.run(sae, capture_output=True, text=True)
+        table += f"\nSAE training at d_in {max(widths)} (`{shlex.join(sae[1:])}`):\n\n" + (
+            done.stdout if done.returncode == 0 else f"failed (exit {done.returncode}): {done.stderr[-500:]}\n")
     print(table)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

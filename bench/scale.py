@@ -223,8 +223,9 @@ def memory_peak(cuda: bool) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if cuda else _status("VmHWM")
 
 
-def method_params(method: str, hookpoints: dict[str, str], steps: int, overrides: list[str]) -> tuple[dict, dict]:
-    """(editor params, component cfg) of `method`'s YAML, steps capped, hookpoints translated."""
+def method_params(method: str, steps: int, overrides: list[str]) -> tuple[dict, dict]:
+    """(editor params, component cfg) of `method`'s YAML, steps capped. Layers and hookpoints are in the
+    YAMLs' depth-relative notation (`layers.-2`, `25%`), which every model resolves to its own."""
     from lightning_edit.config import load_config
     from lightning_edit.editors.registry import editor_class
     from lightning_edit.jobs.edit import SCHEMA
@@ -242,18 +243,7 @@ def method_params(method: str, hookpoints: dict[str, str], steps: int, overrides
     for key in STEP_KEYS:
         if key in names and not any(o.split("=")[0].endswith(f"editor.{key}") for o in [*common, *mine]):
             params[key] = min(int(params.get(key) or steps), steps)
-    if component.get("hookpoint"):
-        component["hookpoint"] = hookpoints.get(component["hookpoint"], component["hookpoint"])
     return params, component
-
-
-def translate_hookpoints(adapter) -> dict[str, str]:
-    """The YAMLs' Llama names ("layers.2", "layers.1.mlp") -> this model's ("h.2", "h.1.mlp")."""
-    out = {}
-    for i in range(adapter.num_layers):
-        out[f"layers.{i}"] = adapter.layer_name(i)
-        out[f"layers.{i}.mlp"] = adapter.mlp_name(i)
-    return out
 
 
 def random_component(kind: str, hookpoint: str, width: int, folder: Path, device: str) -> Path:
@@ -281,14 +271,15 @@ def run_cell(method: str, arch: Arch, width: int, args, world, records, corpus, 
         tokenizer.pad_token = tokenizer.eos_token
     model = build_model(arch, shape, len(tokenizer), DTYPES[args.dtype], args.device)
     adapter = ModelAdapter(model)
-    params, component = method_params(method, translate_hookpoints(adapter), args.steps, args.overrides)
+    params, component = method_params(method, args.steps, args.overrides)
     cls = editor_class(method)
     request = cls.component_request(cls.make_config(params), component, adapter)
     if request is not None:
+        hookpoint = adapter.resolve_hookpoint(request.hookpoint)
         folder = scratch / f"{request.kind}-{width}"
-        if not (folder / request.hookpoint).is_dir():
-            random_component(request.kind, request.hookpoint, width, folder, args.device)
-        component = {**component, "path": str(folder), "hookpoint": request.hookpoint}
+        if not (folder / hookpoint).is_dir():
+            random_component(request.kind, hookpoint, width, folder, args.device)
+        component = {**component, "path": str(folder), "hookpoint": hookpoint}
     names = {f.name for f in fields(cls.make_config(params))}
     cell = scratch / f"{method}-{width}"  # statistics caches of this cell only: nothing is read from another
     os.environ["LIGHTNING_EDIT_CACHE"] = str(cell / "cache")

@@ -362,7 +362,8 @@ def render_saved(path: Path) -> int:
     methods = list(dict.fromkeys(r["method"] for r in saved["rows"]))
     rows = sorted(saved["rows"], key=lambda r: (methods.index(r["method"]), r["width"]))
     done = f"not recorded ({len(rows)} cells rendered from {path.name} by --render)"
-    print(render(rows, args, saved["command"], [saved.get("load_start", "?"), done]))
+    table = render(rows, args, saved["command"], [saved.get("load_start", "?"), done])
+    print(table + (f"\n{saved['note']}\n" if saved.get("note") else ""))
     return 0
 
 

@@ -399,10 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         for width in widths:
             for method in methods:
                 print(f"[scale] {method} at width {width} ...", file=sys.stderr, flush=True)
+                cache = os.environ.get("LIGHTNING_EDIT_CACHE")
                 try:
                     row = run_cell(method, arch, width, args, world, stream.records, corpus, Path(scratch))
                 except Exception as err:  # a failing cell is a row, not the end of the table
                     row = dict(method=method, width=width, error=f"{type(err).__name__}: {str(err)[:160]}")
+                finally:  # run_cell points the statistics cache at the cell's scratch folder
+                    if cache is None:
+                        os.environ.pop("LIGHTNING_EDIT_CACHE", None)
+                    else:
+                        os.environ["LIGHTNING_EDIT_CACHE"] = cache
                 rows.append(row)
                 print(f"[scale] {json.dumps(row)}", file=sys.stderr, flush=True)
                 if out:

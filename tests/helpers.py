@@ -229,6 +229,7 @@ SHORT_STREAM = {
     "pnke": ["editor.layer=0", "editor.v_steps=20", "editor.preserve_corpus_samples=100"],
     "memit": ["editor.layers=[0,1]", "editor.v_steps=20"],
     "alphaedit": ["editor.layers=[0,1]", "editor.v_steps=20"],
+    "kn": [],
 }
 
 

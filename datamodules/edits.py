@@ -20,6 +20,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_edit.data import EditRecord, read_edits
+from lightning_edit.errors import UserError, blame
 
 
 def default_edit_path(model_name: str) -> Path:
@@ -27,7 +28,7 @@ def default_edit_path(model_name: str) -> Path:
     from lightning_edit.world import WORLD_NAMES, load_world
 
     if model_name not in WORLD_NAMES:
-        raise ValueError(
+        raise UserError(
             f"data.path is not set and model.name={model_name!r} is not an embedded world "
             f"({', '.join(WORLD_NAMES)}), so there are no default edits: set data.path to a ZsRE, "
             "CounterFact, EasyEdit/KnowEdit or SelfCheckGPT file"
@@ -102,9 +103,9 @@ class EditStream(LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size is {batch_size} (expected >= 1)")
+            raise UserError(f"data.batch_size is {batch_size} (expected >= 1)")
         if limit is not None and limit < 1:
-            raise ValueError(f"data.limit is {limit} (expected >= 1, or null for the whole file)")
+            raise UserError(f"data.limit is {limit} (expected >= 1, or null for the whole file)")
         self.path = Path(path) if path is not None else None
         self.model_name = model_name
         self.format = format
@@ -123,9 +124,10 @@ class EditStream(LightningDataModule):
             if self.model_name is None:
                 raise ValueError("data.path is not set and no model name was given to find default edits")
             self.path = default_edit_path(self.model_name)
-        records = read_edits(self.path, format=self.format)
+        with blame(f"data.path={self.path}"):  # missing, a folder, unreadable: the file's fault
+            records = read_edits(self.path, format=self.format)
         if not records:
-            raise ValueError(f"{self.path}: no edit records")
+            raise UserError(f"{self.path}: no edit records")
         order = stream_order(len(records), self.order_seed)
         self.records = [records[i] for i in order[: self.limit]]
 
@@ -183,7 +185,7 @@ class EditStream(LightningDataModule):
         elif state.get("fingerprint") != self.fingerprint(applied):
             problems.append(f"the first {applied} records differ")
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"cannot resume: the checkpoint's edit stream ({state.get('path')}, order_seed="
                 f"{state.get('order_seed')}) differs from this run's ({self.path}, order_seed="
                 f"{self.order_seed}): {'; '.join(problems)}"

@@ -15,21 +15,31 @@ import os
 import sys
 from typing import Sequence
 
-from lightning_edit.config import ConfigError, available_configs, describe, load_config
+from lightning_edit.config import available_configs, describe, load_config
+from lightning_edit.errors import DEBUG_ENV, USER_EXIT, UserError, debug_enabled
 from lightning_edit.jobs import JOBS, job_module
 
 SDK_ENTRYPOINT = "lightning_sdk.cli.entrypoint"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other user error."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(USER_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="lightning-edit: train sparse components and edit LLMs through them.",
         epilog="Example: %(prog)s run edit config=microedit.yaml data.limit=100",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback behind a one-line error (also {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="run a job: " + ", ".join(JOBS), description="Run a job.")
-    run_sub = run.add_subparsers(dest="job", metavar="JOB")
+    run_sub = run.add_subparsers(dest="job", metavar="JOB", parser_class=_Parser)
     for name in JOBS:
         _job_parser(run_sub, name, job_module(name).SUMMARY)
     _job_parser(sub, "calibrate", f"{job_module('calibrate').SUMMARY} (the same as `run calibrate`)")
@@ -58,22 +68,33 @@ def _job_parser(sub, name: str, summary: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     job.add_argument("overrides", nargs="*", metavar="key=value", help="config=FILE and overrides")
+    job.add_argument("--debug", action="store_true", help="show the traceback behind a one-line error")
     return job
 
 
 def run_job(name: str, overrides: Sequence[str]) -> int:
     """Load the job's config (defaults < file < overrides) and run it."""
     module = job_module(name)
-    try:
-        cfg = load_config(module.SCHEMA, overrides, default_config=module.DEFAULT_CONFIG)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(module.SCHEMA, overrides, default_config=module.DEFAULT_CONFIG)
     return int(module.run(cfg) or 0)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "lightning-edit") -> int:
+    """The CLI. A `UserError` anywhere (a file, record, field, key, component, folder) is one line
+    on stderr and exit code 2; `--debug` or LIGHTNING_EDIT_DEBUG=1 raises it with its traceback.
+    Anything else is a bug: its traceback propagates (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_enabled()
+    try:
+        return _main(argv, prog)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return USER_EXIT
+
+
+def _main(argv: list[str], prog: str) -> int:
     parser = _build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -106,6 +127,8 @@ def _sdk_available() -> bool:
 def lightning_main(argv: Sequence[str] | None = None) -> int:
     """The `lightning` executable: our `run` jobs, everything else to lightning-sdk's CLI."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        return main(argv, prog="lightning") if argv[1:2] in (["run"], ["calibrate"]) else lightning_main(argv[1:])
     ours = (argv[:1] == ["run"] and (len(argv) == 1 or argv[1] in JOBS or argv[1].startswith("-"))) \
         or argv[:1] == ["calibrate"]
     if ours:

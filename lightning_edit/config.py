@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lightning_edit.constants import RUN_CONFIG
+from lightning_edit.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value that cannot be used; the message says which and what is valid."""
 
 

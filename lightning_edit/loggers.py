@@ -38,11 +38,13 @@ def wandb_mode(configured: str | None) -> str:
     return "online" if wandb_api_key_configured() else "offline"
 
 
-def build_loggers(cfg: Any, output_dir: Path, job: str) -> list:
+def build_loggers(cfg: Any, output_dir: Path, job: str, resume_step: int | None = None) -> list:
     """Lightning loggers for ``cfg.logger`` (wandb+csv, wandb, csv, none); files under output_dir.
 
-    CSV goes to ``<output_dir>/csv/metrics.csv``; a run resumed in the same folder writes
-    ``csv/resumed-<timestamp>/metrics.csv`` instead of overwriting the first part.
+    CSV goes to ``<output_dir>/csv/metrics.csv``. `resume_step`: the run resumes in the same folder
+    from a checkpoint taken after that step: the file keeps its rows up to that step and goes on
+    (rows logged after the checkpoint, before the run stopped, are logged again by the resumed run).
+    Without it, a run in a folder that has a metrics.csv writes ``csv/resumed-<timestamp>/metrics.csv``.
     """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -67,7 +69,31 @@ def build_loggers(cfg: Any, output_dir: Path, job: str) -> list:
             )
     if "csv" in kinds:
         first = not (output_dir / "csv" / "metrics.csv").exists()
-        version = "" if first else f"resumed-{time.strftime('%Y%m%d-%H%M%S')}"
-        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=version))
+        version = "" if first or resume_step is not None else f"resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+        logger = CSVLogger(save_dir=str(output_dir), name="csv", version=version)
+        if resume_step is not None:
+            earlier = _csv_rows_until(output_dir / "csv" / "metrics.csv", resume_step)
+            if earlier:
+                writer = logger.experiment  # creating it removes the old file: its rows go back first
+                writer.metrics.extend(earlier)
+        loggers.append(logger)
     return loggers
 
+
+def _csv_rows_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of a metrics.csv logged at steps <= `step` (empty cells dropped)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        try:
+            at = int(float(row.get("step") or "nan"))
+        except ValueError:
+            continue
+        if at <= step:
+            out.append({k: v for k, v in row.items() if v not in ("", None)})
+    return out

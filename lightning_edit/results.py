@@ -103,22 +103,34 @@ def plot_results(rows: Sequence[dict], path: str | Path, title: str | None = Non
 
 def save_results(rows: Sequence[dict], output_dir: str | Path, meta: dict[str, Any] | None = None,
                  title: str | None = None) -> dict[str, Path]:
-    """Write results.json (rows + run metadata), results.csv, results.md and results.png."""
+    """Write results.csv, results.md, results.png and, last, results.json (rows + run metadata),
+    each atomically (a temporary file in the same folder, then a rename): a folder holding
+    results.json holds the whole run."""
+    import io
+
+    from lightning_edit.runtime import atomic_write, temp_path
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: output_dir / f"{RESULTS_STEM}.{ext}" for ext in ("json", "csv", "md", "png")}
     payload = {"protocols": {FINAL: "all edits so far scored after T edits",
                              IMMEDIATE: "mean of each edit's score right after it was applied"},
                "meta": meta or {}, "rows": list(rows)}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
     flat = [flat_row(row) for row in rows]
     fields = list(dict.fromkeys(key for row in flat for key in row))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(flat)
-    paths["md"].write_text(markdown_table(rows, title))
-    plot_results(rows, paths["png"], title)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write(paths["csv"], buffer.getvalue())
+    atomic_write(paths["md"], markdown_table(rows, title))
+    png = temp_path(paths["png"]).with_suffix(".png")
+    try:
+        plot_results(rows, png, title)
+        png.replace(paths["png"])
+    finally:
+        png.unlink(missing_ok=True)
+    atomic_write(paths["json"], json.dumps(payload, indent=1) + "\n")
     return paths
 
 

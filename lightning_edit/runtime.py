@@ -51,3 +51,83 @@ def set_cpu_threads(threads: int | None, processes_per_node: int = 1) -> int:
         threads = max(1, cores // max(1, processes_per_node))
     torch.set_num_threads(threads)
     return threads
+
+
+TEMP_MARK = ".tmp-"
+"""Infix of the temporary files and folders the atomic writers below leave only when killed."""
+
+
+def temp_path(path: str | Path) -> Path:
+    """A temporary name beside `path`, in the same folder (so a rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename: `path` is
+    either absent, the old file, or the whole new one; the temporary file is removed on failure."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_folder(path: str | Path, write) -> Path:
+    """`write(tmp_folder)` fills a temporary folder beside `path`, which then replaces `path`
+    (an old `path` is moved aside first and removed after); the temporary folder is removed on failure."""
+    import shutil
+
+    path = Path(path)
+    tmp, old = temp_path(path), path.with_name(f".{path.name}{TEMP_MARK}old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove what killed atomic writes left in `folder` (and its checkpoints/): `.<name>.tmp-<pid>`."""
+    import shutil
+
+    removed = []
+    for parent in (Path(folder), Path(folder) / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for item in parent.iterdir():
+            if item.name.startswith(".") and TEMP_MARK in item.name:
+                shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
+                removed.append(item)
+    return removed
+
+
+def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
+    """`path` usable as a run folder (absent, or a folder), in a writable place; else a UserError
+    naming `key`. Creates nothing."""
+    from lightning_edit.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}={path}: is a file (expected a folder for the run's outputs, or a path to create)")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{key}={path}: {probe} is a file (expected a folder for the run's outputs)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path}: {probe} is not writable (expected a folder this user can write)")
+    return path

@@ -12,6 +12,14 @@ Metrics (METHODS.md section 3), logged with step = T (edits so far):
 - `edit_immediate/*`: immediate protocol, the mean over edits so far of each edit's score taken
   right after it was applied;
 - `edit/seconds_per_edit` and `edit/steps` at every step.
+
+Every edit is checked before the stream goes on (`check_edit`): the parameters its ledger entry
+says it changed, and the edited model's logits on its prompt, must be finite. An edit that wrote
+NaN or Inf is refused: rolled back (`Editor.rollback` where the method has it, else the editor's
+state from before the edit is restored), its ledger entry marked `status="failed"`, and then the
+stream goes on (`on_nonfinite="skip"`) or stops with an `EditStepError` (`"stop"`). An exception
+inside `apply` is undone the same way and raised as an `EditStepError` naming the record's place in
+its file; the stream position is not advanced, so a checkpoint saved then resumes at that record.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from lightning import LightningModule
 from lightning_edit.callbacks.common import crossed, log_metrics
 from lightning_edit.data import EditRecord
 from lightning_edit.editors.base import Editor
+from lightning_edit.errors import EditStepError, describe
+from lightning_edit.jobs.validate import NONFINITE_CHOICES, record_place
+from lightning_edit.tokens import encode, pad_id, right_padded
 from lightning_edit.metrics import EditScorer
 from lightning_edit.results import FINAL, IMMEDIATE
 
@@ -72,8 +83,11 @@ class EditModule(LightningModule):
     """
 
     def __init__(self, editor: Editor, scorer: EditScorer, checkpoints: Sequence[int] = (1, 10, 100, 1000),
-                 immediate: bool = True):
+                 immediate: bool = True, on_nonfinite: str = "stop"):
         super().__init__()
+        if on_nonfinite not in NONFINITE_CHOICES:
+            raise ValueError(f"on_nonfinite is {on_nonfinite!r}; expected one of {', '.join(NONFINITE_CHOICES)}")
+        self.on_nonfinite = on_nonfinite
         self.automatic_optimization = False
         self.editor = editor  # a plain object, not a submodule: the model's weights are not ours to save
         self.scorer = scorer
@@ -84,6 +98,8 @@ class EditModule(LightningModule):
         self.immediate_scores: list[dict[str, float]] = []
         self.rows: list[dict[str, Any]] = []
         self.stream_length: int | None = None
+        self.failed_edits = 0
+        """Edits refused for writing NaN or Inf (rolled back, ledger status "failed")."""
 
     # Lightning plumbing ------------------------------------------------------------------------
 
@@ -112,8 +128,26 @@ class EditModule(LightningModule):
         if len(batch) > 1 and not self.editor.supports_batch:
             raise ValueError(f"editor '{self.editor.name}' edits one record at a time; set data.batch_size=1")
         start = time.perf_counter()
-        entries = self.editor.apply(batch)
+        before = len(self.editor.ledger)
+        snapshot = None if self.editor.supports_rollback else _detached(self.editor.state_dict())
+        try:
+            entries = self.editor.apply(batch)
+        except Exception as exc:
+            self._undo(before, snapshot)
+            self._not_applied()
+            raise EditStepError(f"{_places(batch)}: editing failed at stream position {len(self.edited_records)} "
+                                f"({type(exc).__name__}: {describe(exc)})") from exc
         seconds = time.perf_counter() - start
+        problem = self.check_edit(batch, entries)
+        if problem is not None:
+            failed = self.editor.ledger[before:] or entries
+            self._undo(before, snapshot, failed)
+            self.failed_edits += len(batch)
+            self.print(f"refused: {_places(batch)}: {problem}; the edit is rolled back (ledger status 'failed')")
+            if self.on_nonfinite == "stop":
+                self._not_applied()
+                raise EditStepError(f"{_places(batch)}: {problem}; the edit was refused and rolled back "
+                                    "(on_nonfinite=stop; on_nonfinite=skip records it as failed and goes on)")
         self.optimizers().step()
         self.edited_records.extend(batch)
         self.edit_seconds.extend([seconds / len(batch)] * len(batch))
@@ -128,6 +162,46 @@ class EditModule(LightningModule):
         self._log(metrics, t)
         if crossed(self.checkpoints, t, len(batch)) or t == self.stream_length:
             self.evaluate()
+
+    # Guarding each edit ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def check_edit(self, batch: list[EditRecord], entries: Sequence[Any]) -> str | None:
+        """Why the edit just applied cannot stand (NaN or Inf in what it wrote), or None."""
+        params = dict(self.editor.model.named_parameters())
+        for entry in entries:
+            if isinstance(entry.delta_norm, float) and not math.isfinite(entry.delta_norm):
+                return f"the edit's delta norm is {entry.delta_norm}"
+            for name in entry.changed:
+                tensor = params.get(name)
+                if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return f"the edited parameter '{name}' holds NaN or Inf"
+        tokenizer = self.editor.tokenizer
+        ids, mask = right_padded([encode(tokenizer, r.prompt) for r in batch], pad_id(tokenizer), self.editor.device)
+        with self.editor.edited() as model:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        if not bool(torch.isfinite(logits[mask.bool()]).all()):
+            return "the edited model's logits on the edit prompt hold NaN or Inf"
+        return None
+
+    def _undo(self, before: int, snapshot: dict[str, Any] | None, failed: Sequence[Any] = ()) -> None:
+        """Take back what the step's edit wrote; keep `failed` entries in the ledger marked failed."""
+        added = self.editor.ledger[before:]
+        if snapshot is not None:
+            self.editor.load_state_dict(snapshot)
+        else:
+            for entry in reversed(added):
+                self.editor.rollback(entry.edit_id)
+            del self.editor.ledger[before:]
+        for entry in failed:
+            entry.status = "failed"
+            self.editor.ledger.append(entry)
+
+    def _not_applied(self) -> None:
+        """The batch in progress does not count as streamed: a checkpoint saved now resumes at it."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "batches_done", 0) > 0:
+            datamodule.batches_done -= 1
 
     def on_train_end(self) -> None:
         # A run stopped early (max_steps, a limit) still reports where it ended.
@@ -171,6 +245,7 @@ class EditModule(LightningModule):
             "edit_seconds": list(self.edit_seconds),
             "immediate_scores": [dict(s) for s in self.immediate_scores],
             "rows": [dict(r) for r in self.rows],
+            "failed_edits": self.failed_edits,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -189,3 +264,21 @@ class EditModule(LightningModule):
         self.edit_seconds = list(state["edit_seconds"])
         self.immediate_scores = list(state["immediate_scores"])
         self.rows = list(state["rows"])
+        self.failed_edits = int(state.get("failed_edits", 0))
+
+
+def _places(batch: Sequence[EditRecord]) -> str:
+    return "; ".join(record_place(r) for r in batch)
+
+
+def _detached(obj: Any) -> Any:
+    """A copy of a state dict that later in-place edits cannot change (tensors cloned)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_detached(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_detached(v) for v in obj)
+    return obj

@@ -31,6 +31,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from lightning_edit.errors import UserError
+
 from .records import KINDS, EditRecord, LocalityPair
 
 FORMATS = ("zsre", "counterfact", "easyedit", "selfcheckgpt")
@@ -44,7 +46,7 @@ _TEXTS = "a non-empty string or a list of non-empty strings"
 _ANSWER = "a non-empty string, a list of alias strings, or null"
 
 
-class EditDataError(ValueError):
+class EditDataError(UserError):
     """A malformed edit file or record; the message says where and what was expected."""
 
 
@@ -389,7 +391,7 @@ def read_edits(path: str | Path, format: str = "auto") -> list[EditRecord]:
     malformed record, naming the file, record index (and line for jsonl) and field.
     """
     if format != "auto" and format not in _READERS:
-        raise ValueError(f"unknown edit format {format!r} (expected 'auto' or one of {', '.join(FORMATS)})")
+        raise EditDataError(f"data.format: unknown edit format {format!r} (expected 'auto' or one of {', '.join(FORMATS)})")
     path = Path(path)
     raws = _load_raw(path)
     if not raws:
@@ -411,6 +413,7 @@ def read_edits(path: str | Path, format: str = "auto") -> list[EditRecord]:
     for index, (raw, where) in enumerate(raws):
         record = reader(_Fields(raw, where), index)
         record.source = str(path)
+        record.location = where
         records.append(record)
     return records
 

@@ -47,6 +47,8 @@ class EditRecord:
     """Path of the file the record was read from."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Dataset fields with no place above (portability probes, templates, aliases), kept verbatim."""
+    location: str | None = field(default=None, compare=False)
+    """Where the record sits in its file, as errors name it: "<file>: record <i>" (plus the line, for .jsonl)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -50,6 +50,8 @@ class LedgerEntry:
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "applied"
+    """"applied", or "failed": the edit was refused (it wrote NaN or Inf) and rolled back."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,6 +33,7 @@ from lightning_edit.constants import (
     TENSORS_FILE,
 )
 from lightning_edit.editors.base import Editor
+from lightning_edit.errors import UserError, blame, check_finite
 from lightning_edit.models import offloaded_value
 
 FORMAT_VERSION = 1
@@ -104,17 +105,24 @@ def _settings(editor: Editor) -> dict[str, Any]:
 
 
 def save_edit_state(editor: Editor, directory: str | Path) -> Path:
-    """Write `editor.state_dict()`, its settings and its exported component to `directory`."""
+    """Write `editor.state_dict()`, its settings and its exported component to `directory`, atomically:
+    everything goes to a temporary folder beside it first, which then replaces `directory`."""
+    from lightning_edit.runtime import atomic_folder
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(editor.state_dict(), "", tensors)
-    save_file(tensors, str(directory / TENSORS_FILE))
-    (directory / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
-    (directory / LEDGER_JSON).write_text(json.dumps(editor.ledger_state(), indent=1) + "\n")
-    (directory / EDITOR_JSON).write_text(json.dumps(_settings(editor), indent=1) + "\n")
-    editor.export_component(directory / COMPONENT_EXPORT_DIR)
-    return directory
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / TENSORS_FILE))
+        (folder / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
+        (folder / LEDGER_JSON).write_text(json.dumps(editor.ledger_state(), indent=1) + "\n")
+        editor.export_component(folder / COMPONENT_EXPORT_DIR)
+        (folder / EDITOR_JSON).write_text(json.dumps(_settings(editor), indent=1) + "\n")
+
+    return atomic_folder(directory, write)
 
 
 def read_edit_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -122,13 +130,20 @@ def read_edit_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
     directory = Path(directory)
     missing = [n for n in (EDITOR_JSON, STATE_JSON, TENSORS_FILE) if not (directory / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} is not an edit state folder (missing {', '.join(missing)})")
-    settings = json.loads((directory / EDITOR_JSON).read_text())
+        raise UserError(f"{directory}: not an edit state folder (missing {', '.join(missing)}; expected a run's "
+                        f"{EDIT_STATE_DIR}/ or the run folder holding it)")
+    with blame(str(directory / EDITOR_JSON)):
+        settings = json.loads((directory / EDITOR_JSON).read_text())
+        if not isinstance(settings, dict) or "method" not in settings:
+            raise ValueError("expected a JSON object with 'method', 'config', 'model'")
     if settings.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}/{EDITOR_JSON}: format_version {settings.get('format_version')!r} "
-                         f"(this version reads {FORMAT_VERSION})")
-    tensors = load_file(str(directory / TENSORS_FILE))
-    state = _join_tensors(json.loads((directory / STATE_JSON).read_text()), tensors)
+        raise UserError(f"{directory}/{EDITOR_JSON}: format_version {settings.get('format_version')!r} "
+                        f"(this version reads {FORMAT_VERSION})")
+    with blame(str(directory / TENSORS_FILE)):
+        tensors = load_file(str(directory / TENSORS_FILE))
+    check_finite(tensors, str(directory / TENSORS_FILE))
+    with blame(str(directory / STATE_JSON)):
+        state = _join_tensors(json.loads((directory / STATE_JSON).read_text()), tensors)
     return settings, state
 
 

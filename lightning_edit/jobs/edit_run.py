@@ -22,10 +22,12 @@ from torch import nn
 
 from lightning_edit.constants import CODER_CFG, COMPONENT_EXPORT_DIR
 from lightning_edit.editors.base import Editor, EditorContext
+from lightning_edit.errors import UserError, blame, describe
+from lightning_edit.jobs.validate import NONFINITE_CHOICES, say_warnings, validate_records
 from lightning_edit.editors.registry import build_editor, editor_class
 from lightning_edit.editors.state import base_fingerprint, load_edit_state, read_edit_state
 from lightning_edit.jobs.components import resolve_component
-from lightning_edit.models import ModelAdapter, load_model
+from lightning_edit.models import ModelAdapter, load_model, max_positions
 from lightning_edit.world import world_for
 
 
@@ -46,6 +48,8 @@ class EditRun:
     """Reference corpus lines handed to `editor.prepare` (data.corpus, else the world's)."""
     editor: Editor
     """The editor of `editor.method`, prepared on `corpus`."""
+    validation: Any = None
+    """The stream's `ValidationReport` (duplicates, conflicts, absent subjects, truncations)."""
 
     @property
     def method(self) -> str:
@@ -63,33 +67,46 @@ class EditRun:
 
 def check_edit_config(cfg: DictConfig) -> type[Editor]:
     """The editor class of `cfg.editor.method`, its section and the batch size checked without a model;
-    a KeyError (unknown method) or a ValueError (bad key or value) naming what is wrong."""
+    a UserError naming what is wrong (unknown method, bad key or value)."""
     params = _container(cfg.editor)
-    cls = editor_class(params.get("method"))
-    cls.make_config(params)
+    with blame("editor"):
+        cls = editor_class(params.get("method"))
+        cls.make_config(params)
     if cfg.data.batch_size > 1 and not cls.supports_batch:
-        raise ValueError(f"editor '{cls.name}' edits one record at a time; data.batch_size must be 1 "
-                         f"(got {cfg.data.batch_size})")
+        raise UserError(f"editor '{cls.name}' edits one record at a time; data.batch_size must be 1 "
+                        f"(got {cfg.data.batch_size})")
+    choice = cfg.get("on_nonfinite", "stop")
+    if choice not in NONFINITE_CHOICES:
+        raise UserError(f"on_nonfinite: {choice!r} (expected one of {', '.join(NONFINITE_CHOICES)})")
     return cls
 
 
 def build_edit_run(cfg: DictConfig) -> EditRun:
-    """Check the config, read and validate the stream, load the model, build and prepare the editor."""
+    """Check the config, read and validate the stream, load the model, validate every record against
+    its tokenizer and context, build and prepare the editor. Every problem with an input is a
+    UserError naming it, raised before anything is written."""
     from datamodules.edits import EditStream
 
     check_edit_config(cfg)
     stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, cfg.data.batch_size,
                         cfg.data.limit, model_name=cfg.model.name)
     stream.setup("fit")  # reads and validates every record: EditDataError names file, record, field
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, resolve_device(cfg.model.device),
-                                  device_map=_container_or_value(cfg.model.get("device_map")))
+    device = resolve_device(cfg.model.device)
+    with blame(f"model.name={cfg.model.name}"):
+        model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, device,
+                                      device_map=_container_or_value(cfg.model.get("device_map")))
+    data = cfg.data
+    report = validate_records(stream.records, tokenizer, max_positions(model), strict=bool(data.get("strict", False)),
+                              truncate=bool(data.get("truncate", False)))
+    say_warnings(report)
     adapter = ModelAdapter(model)
     world = world_for(cfg.model.name)
     editor = new_editor(cfg.editor.method, _container(cfg.editor), model, tokenizer, adapter,
                         _container(cfg.component), cfg.model.name, world=world)
-    corpus = read_corpus(cfg.data.corpus, world)
+    with blame(f"data.corpus={cfg.data.corpus}"):
+        corpus = read_corpus(cfg.data.corpus, world)
     editor.prepare(corpus)
-    return EditRun(cfg, stream, model, tokenizer, adapter, world, corpus, editor)
+    return EditRun(cfg, stream, model, tokenizer, adapter, world, corpus, editor, report)
 
 
 def new_editor(method: str, params: Mapping[str, Any], model: nn.Module, tokenizer: Any, adapter: ModelAdapter,
@@ -104,12 +121,20 @@ def new_editor(method: str, params: Mapping[str, Any], model: nn.Module, tokeniz
     world = world if world is not None else world_for(model_name)
     request = cls.component_request(cfg, component_cfg, adapter)
     if request is not None and component_cfg.get("hookpoint"):  # depth-relative -> this model's name, as recorded
-        component_cfg["hookpoint"] = adapter.resolve_hookpoint(component_cfg["hookpoint"], "component.hookpoint")
-    component = resolve_component(request, component_cfg, model, adapter, world, model_name)
+        with blame("component.hookpoint"):
+            component_cfg["hookpoint"] = adapter.resolve_hookpoint(component_cfg["hookpoint"], "component.hookpoint")
+    if component_cfg.get("path"):  # a file the user gave: whatever fails reading it is its fault
+        with blame(f"component.path={component_cfg['path']}"):
+            component = resolve_component(request, component_cfg, model, adapter, world, model_name)
+    else:
+        component = resolve_component(request, component_cfg, model, adapter, world, model_name)
     ctx = EditorContext(model=model, tokenizer=tokenizer, adapter=adapter, model_name=model_name,
                         component=component, component_cfg=component_cfg, base_fingerprint=base_fingerprint(model),
                         world=world)
-    return build_editor(method, cfg, ctx)
+    try:
+        return build_editor(method, cfg, ctx)
+    except (ValueError, KeyError) as exc:  # a layer, hookpoint or option this model does not have
+        raise UserError(f"editor '{method}': {describe(exc)}") from exc
 
 
 def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str = "float32",
@@ -162,6 +187,15 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"model.device={device!r}: {describe(exc)} (expected auto, cpu, cuda, cuda:N, mps)") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"model.device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        "(expected auto or cpu here)")
+    if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"model.device={device!r}: MPS is not available here (expected auto or cpu)")
     return device
 
 

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_edit.constants import CODER_CFG, SAELENS_SCALER, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
+from lightning_edit.errors import UserError, blame, check_finite
 
 from .coder import TopKSparseCoder
 from .config import SparseCoderConfig
@@ -41,7 +42,7 @@ SAELENS_EXTRA_KEY = "lightning_edit"
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
-class SparseCoderFormatError(ValueError):
+class SparseCoderFormatError(UserError):
     """A checkpoint on disk does not match what its layout promises."""
 
 
@@ -391,9 +392,13 @@ def load_sparse_coder(
     path = Path(path)
     if path.is_file():
         path = path.parent
-    if detect_layout(path) == "sparsify":
-        return load_sparsify(path, device, dtype)
-    return load_saelens(path, device, dtype)
+    layout = detect_layout(path)
+    weights = path / (SPARSIFY_WEIGHTS if layout == "sparsify" else SAELENS_WEIGHTS)
+    with blame(str(weights)):  # a truncated or foreign file, wrong shapes, unreadable
+        coder = load_sparsify(path, device, dtype) if layout == "sparsify" else load_saelens(path, device, dtype)
+    # NaN or Inf anywhere in the weights makes every edit through it meaningless: refuse it here.
+    check_finite(coder.state_dict(), str(weights))
+    return coder
 
 
 def load_sparse_coders(

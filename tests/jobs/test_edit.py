@@ -87,6 +87,14 @@ def test_short_run_writes_results_under_both_protocols(short_run):
     assert ledger_ids(short_run) == [0, 1, 2, 3, 4]
 
 
+def csv_series(run_dir, column):
+    """(step, value) of `column` in a run's csv/metrics.csv, where it is set."""
+    import csv
+
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return [(int(float(r["step"])), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
 def test_kill_and_resume_equals_uninterrupted(small_world, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("data.limit=6", "eval.checkpoints=[1,6]", "checkpoint.every_n_edits=1")
@@ -97,8 +105,11 @@ def test_kill_and_resume_equals_uninterrupted(small_world, tmp_path):
     assert edit_job.run(edit_cfg(small_world, resumed, *common, "checkpoint.resume=last")) == 0
 
     assert ledger_ids(resumed) == [0, 1, 2, 3, 4, 5]
-    assert (resumed / "csv" / "metrics.csv").is_file()  # the first part's log is kept
-    assert list((resumed / "csv").glob("resumed-*/metrics.csv"))
+    # metrics.csv continues across the resume: the same steps and scores as the uninterrupted run's.
+    assert not list((resumed / "csv").glob("resumed-*"))
+    # (plus the T=3 row the stopped first part scored at its end)
+    assert set(csv_series(straight, "edit/rel")) <= set(csv_series(resumed, "edit/rel"))
+    assert [t for t, _ in csv_series(resumed, "edit/seconds_per_edit")] == [1, 2, 3, 4, 5, 6]
     a = load_file(str(straight / "edit_state" / "tensors.safetensors"))
     b = load_file(str(resumed / "edit_state" / "tensors.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

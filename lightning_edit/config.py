@@ -181,6 +181,9 @@ def load_config(schema: type, argv: Sequence[str] = (), default_config: str | No
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _explain(exc, schema, f"override '{item}'") from exc
+        except Exception as exc:  # noqa: BLE001 - the value does not parse (YAML syntax)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"override '{item}': the value does not parse as YAML ({first})") from exc
     if "logger" in cfg and cfg.logger not in LOGGER_CHOICES:
         raise ConfigError(f"bad value for 'logger': '{cfg.logger}'; choices: {', '.join(LOGGER_CHOICES)}")
     if "trainer" in cfg:

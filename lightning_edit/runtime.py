@@ -115,7 +115,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
     """`path` usable as a run folder (absent, or a folder), in a writable place; else a UserError
-    naming `key`. Creates nothing."""
+    naming `key`. Leaves nothing behind (writability is probed with a folder made and removed)."""
     from lightning_edit.errors import UserError
 
     path = Path(path)
@@ -128,6 +128,11 @@ def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UserError(f"{key}={path}: {probe} is a file (expected a folder for the run's outputs)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={path}: {probe} is not writable (expected a folder this user can write)")
+    import tempfile
+
+    try:  # the only sure test of writability (root, read-only mounts, /proc): make and remove a folder
+        os.rmdir(tempfile.mkdtemp(prefix=".lightning-edit-probe-", dir=probe))
+    except OSError as exc:
+        raise UserError(f"{key}={path}: cannot create folders in {probe} ({exc.strerror or exc}; expected a "
+                        "folder this user can write)") from None
     return path

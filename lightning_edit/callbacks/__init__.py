@@ -66,7 +66,7 @@ def build_downstream_suite(cfg: DownstreamConfig, world: Any = None, output_dir:
 
     world = _world(world)
     cache_path = Path(output_dir) / "downstream_cache.json" if output_dir is not None and cfg.cache_file else None
-    return DownstreamSuite(
+    suite = DownstreamSuite(
         cfg.tasks, limit=cfg.limit, limits=cfg.limits, world_mc_dir=world.mc_dir if world is not None else None,
         data_dir=cfg.data_dir, include_paths=[cfg.include_path] if cfg.include_path else [],
         allow_code_execution=cfg.allow_code_execution, batch_size=cfg.batch_size, num_fewshot=cfg.num_fewshot,
@@ -74,6 +74,8 @@ def build_downstream_suite(cfg: DownstreamConfig, world: Any = None, output_dir:
         humaneval_max_new_tokens=cfg.humaneval_max_new_tokens,
         work_dir=Path(output_dir) / "downstream_tasks" if output_dir is not None else None,
         cache=ResultCache(cache_path))
+    suite.check_tasks()
+    return suite
 
 
 def build_callbacks(cfg: Any, *, checkpoints: Sequence[int], world: Any = None,

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
+from lightning_edit.errors import UserError
 from lightning_edit.config import repo_configs_dir
 from lightning_edit.models import eval_mode, max_positions, model_device
 from lightning_edit.world import cache_root
@@ -40,7 +41,7 @@ METRIC_PREFERENCE = ("acc,none", "exact_match,strict-match", "exact_match,none",
 """Which reported metric is a task's headline score, first present wins."""
 
 
-class DownstreamDataError(FileNotFoundError):
+class DownstreamDataError(UserError, FileNotFoundError):
     """A task's data cannot be found or read; the message says which files go where."""
 
 

@@ -109,6 +109,19 @@ class DownstreamSuite:
             return ResolvedTask(name, "lm_eval", (HUB_NAMES[name],), source="hub")
         return ResolvedTask(name, "lm_eval", (name,), source="lm-eval")
 
+    def check_tasks(self) -> None:
+        """A DownstreamDataError naming the tasks lm-eval's registry does not know, before any edit
+        (lm-eval itself would fail only at the first evaluation)."""
+        names = [n for t in self.tasks if t.source == "lm-eval" for n in t.lm_eval_tasks]
+        if not names:
+            return
+        known = set(self.task_manager().all_tasks)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DownstreamDataError(f"callbacks.downstream.tasks: {', '.join(map(repr, unknown))} is not a task lm-eval "
+                                      f"knows (expected {', '.join(sorted(LOCAL_TEMPLATES) + [WORLD_TASK, HUMANEVAL])}, "
+                                      "or an lm-eval task name)")
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]

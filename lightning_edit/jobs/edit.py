@@ -12,6 +12,7 @@ first, and the final save writes `edit_state/` before `results.*` (results.json 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -194,15 +195,8 @@ def _meta(cfg: DictConfig, run: Any, module: Any, output_dir: Path, checkpoints:
 
 
 def run(cfg: DictConfig) -> int:
-    from lightning_edit.editors.state import save_edit_state
-    from lightning_edit.jobs.edit_run import build_edit_run, check_edit_config
-    from lightning_edit.jobs.validate import check_checkpoints, default_checkpoints
-    from lightning_edit.metrics import EditScorer
-    from lightning_edit.results import markdown_table, save_results
-    from lightning_edit.runtime import check_output_dir, remove_stale_temps, resolve_output_dir, seed_everything, \
-        set_cpu_threads
-    from lightning_edit.callbacks.safety import SaveOnEditFailure
-    from modules.edit_module import EditModule
+    from lightning_edit.jobs.edit_run import check_edit_config
+    from lightning_edit.runtime import check_output_dir, resolve_output_dir, seed_everything, set_cpu_threads
 
     # Lightning asks manual-optimisation users to checkpoint the state before optimizer.step();
     # for an edit stream the state after the edit is exactly what a checkpoint must hold.
@@ -219,6 +213,25 @@ def run(cfg: DictConfig) -> int:
         from lightning_edit.code import job as code_job
 
         return code_job.run(cfg, output_dir)
+    existed = output_dir.exists()
+    try:
+        return _run(cfg, output_dir)
+    except UserError:
+        if not existed and output_dir.exists():  # a late check failed: leave no folder behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> int:
+    from lightning_edit.callbacks.safety import SaveOnEditFailure
+    from lightning_edit.editors.state import save_edit_state
+    from lightning_edit.jobs.edit_run import build_edit_run
+    from lightning_edit.jobs.validate import check_checkpoints, default_checkpoints
+    from lightning_edit.metrics import EditScorer
+    from lightning_edit.results import markdown_table, save_results
+    from lightning_edit.runtime import remove_stale_temps
+    from modules.edit_module import EditModule
+
     ckpt_path, resumed_at = _resume_from(cfg, output_dir)
     run = build_edit_run(cfg)
     stream, editor = run.stream, run.editor

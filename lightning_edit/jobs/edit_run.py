@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_edit.constants import CODER_CFG, COMPONENT_EXPORT_DIR
+from lightning_edit.constants import CODER_CFG, COMPONENT_EXPORT_DIR, EDITOR_JSON
 from lightning_edit.editors.base import Editor, EditorContext
 from lightning_edit.errors import UserError, blame, describe
 from lightning_edit.jobs.validate import NONFINITE_CHOICES, say_warnings, validate_records
@@ -75,6 +75,10 @@ def check_edit_config(cfg: DictConfig) -> type[Editor]:
     if cfg.data.batch_size > 1 and not cls.supports_batch:
         raise UserError(f"editor '{cls.name}' edits one record at a time; data.batch_size must be 1 "
                         f"(got {cfg.data.batch_size})")
+    for key in ("eval.batch_size", "checkpoint.every_n_edits"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise UserError(f"{key} is {value} (expected >= 1)")
     choice = cfg.get("on_nonfinite", "stop")
     if choice not in NONFINITE_CHOICES:
         raise UserError(f"on_nonfinite: {choice!r} (expected one of {', '.join(NONFINITE_CHOICES)})")
@@ -146,9 +150,11 @@ def load_edited(state_dir: str | Path, model_name: str | None = None, dtype: str
     Use the model inside `editor.edited()` (hooks, switches and spliced components are active only there).
     """
     settings, _ = read_edit_state(state_dir)
+    with blame(f"{Path(state_dir) / EDITOR_JSON}"):
+        editor_class(settings.get("method"))
     model_name = model_name or settings.get("model")
     if not model_name:
-        raise ValueError(f"{state_dir}/editor.json records no base model; pass model_name")
+        raise UserError(f"{state_dir}/editor.json records no base model; pass model_name")
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     adapter = ModelAdapter(model)
     component = dict(settings.get("component") or {})

@@ -57,7 +57,8 @@ class Case:
     build: Callable[[Path], list[str]]
     names: Callable[[Path], str]
     slow: bool = False
-    """Gets past the model load (a component, a record against the tokenizer): kept out of the test table."""
+    """Takes seconds (the Trainer, lm-eval's task index, a hub look-up that waits for the network
+    unless HF_HUB_OFFLINE=1): kept out of the test table."""
     needs_state: bool = False
     """Uses the valid edit state made once at the start."""
 
@@ -116,12 +117,12 @@ def config_case(name: str, args: list[str], names: str, method=FT, slow=False) -
     return Case("config", name, build, lambda tmp: names.format(tmp=tmp), slow=slow)
 
 
-def model_case(name: str, model: str, names: str) -> Case:
+def model_case(name: str, model: str, names: str, slow: bool = False) -> Case:
     """`model.name=<model>` with an edit file of its own (a model that is no world has no default edits)."""
     def build(tmp: Path) -> list[str]:
         return ["edit", *FT, *BASE, f"model.name={model.format(tmp=tmp)}", f"output_dir={tmp / 'out'}",
                 f"data.path={write(tmp, 'edits.json', [easy()])}"]
-    return Case("model", name, build, lambda tmp: names)
+    return Case("model", name, build, lambda tmp: names, slow=slow)
 
 
 def coder_folder(tmp: Path, spoil: Callable[[dict, Path], None] | None = None, d_in: int = 64,
@@ -150,7 +151,7 @@ def component_case(name: str, spoil=None, names: str = "sae.safetensors", extra=
     def build(tmp: Path) -> list[str]:
         folder = coder_folder(tmp, spoil, **coder)
         return ["edit", *MICRO, *BASE, f"component.path={folder}", f"output_dir={tmp / 'out'}", *extra]
-    return Case("component", name, build, lambda tmp: names, slow=True)
+    return Case("component", name, build, lambda tmp: names)
 
 
 def poison(key: str, value: float):
@@ -168,7 +169,7 @@ def state_case(name: str, spoil: Callable[[Path], None], names: str) -> Case:
         shutil.copytree(STATE["dir"], folder)
         spoil(folder)
         return ["generate", f"state={folder}", "prompt=At home Viahand Guba keeps a pet", "device=cpu"]
-    return Case("state", name, build, lambda tmp: names.format(tmp=tmp), slow=True, needs_state=True)
+    return Case("state", name, build, lambda tmp: names.format(tmp=tmp), needs_state=True)
 
 
 STATE: dict[str, Path] = {}
@@ -270,25 +271,25 @@ def cases() -> list[Case]:
         data_case("data", "data.format does not exist", "", [easy()], extra=["data.format=squad"], names="data.format"),
         data_case("data", "data.format of another dataset", ": record 0", [easy()], extra=["data.format=zsre"]),
         data_case("data", "corpus file missing", "", [easy()], extra=["data.corpus={tmp}/corpus.txt"],
-                  names="corpus.txt", slow=True),
+                  names="corpus.txt"),
         # Records against the model's tokenizer and context.
-        data_case("record", "target maps to <unk>", ": record 1", [easy(), easy(target="zzqx")], slow=True),
+        data_case("record", "target maps to <unk>", ": record 1", [easy(), easy(target="zzqx")]),
         data_case("record", "subject maps to <unk>", ": record 0", [easy(subject="Qwzzy", prompt="At home Qwzzy "
-                                                                      "keeps a pet")], slow=True),
+                                                                      "keeps a pet")]),
         data_case("record", "Arabic-only prompt", ": record 1", [easy(), easy(prompt="قال أحمد مرحبا",
-                                                                              subject=None)], slow=True),
-        data_case("record", "prompt longer than the context", ": record 0", [easy(prompt=long_prompt)], slow=True),
+                                                                              subject=None)]),
+        data_case("record", "prompt longer than the context", ": record 0", [easy(prompt=long_prompt)]),
         data_case("record", "paraphrase longer than the context", ": record 0",
-                  [easy(rephrase_prompt=[long_prompt])], slow=True),
+                  [easy(rephrase_prompt=[long_prompt])]),
         data_case("record", "locality prompt longer than the context", ": record 0",
-                  [easy(locality_prompt=[long_prompt], locality_ground_truth=["ferret"])], slow=True),
+                  [easy(locality_prompt=[long_prompt], locality_ground_truth=["ferret"])]),
         data_case("record", "duplicates under data.strict", "", [easy(), easy(), easy()],
-                  extra=["data.strict=true"], slow=True),
+                  extra=["data.strict=true"]),
         data_case("record", "conflicting targets under data.strict", "", [easy(), easy(target="cat")],
-                  extra=["data.strict=true"], slow=True),
+                  extra=["data.strict=true"]),
         data_case("record", "subject absent under data.strict", "", [easy(subject="Somebody Else")],
-                  extra=["data.strict=true"], slow=True),
-        data_case("record", "target of an invisible character", ": record 0", [easy(target="\u200b")], slow=True),
+                  extra=["data.strict=true"]),
+        data_case("record", "target of an invisible character", ": record 0", [easy(target="\u200b")]),
         # Config keys and values.
         config_case("unknown top-level key", ["lerning_rate=1"], "lerning_rate"),
         config_case("unknown nested key", ["data.lmit=3"], "data.lmit"),
@@ -301,7 +302,7 @@ def cases() -> list[Case]:
         config_case("unknown editor method", ["editor.method=romeo"], "romeo"),
         config_case("unknown editor key", ["editor.lr_rate=1"], "editor.lr_rate"),
         config_case("editor value of the wrong type", ["editor.lr=fast"], "editor.lr"),
-        config_case("editor layer the model lacks", ["editor.layer=99"], "editor.layer", slow=True),
+        config_case("editor layer the model lacks", ["editor.layer=99"], "editor.layer"),
         config_case("config file missing", ["config=nope.yaml"], "nope.yaml"),
         Case("config", "config file with bad YAML",
              lambda t: ["edit", f"config={write(t, 'bad.yaml', 'data: [1, 2')}", *BASE[1:], f"output_dir={t / 'out'}"],
@@ -313,15 +314,15 @@ def cases() -> list[Case]:
         config_case("logger unknown", ["logger=tensorboardx"], "logger"),
         config_case("trainer option unknown", ["trainer.max_stepz=3"], "max_stepz"),
         config_case("trainer.max_epochs=2", ["trainer.max_epochs=2"], "max_epochs", slow=True),
-        config_case("eval.checkpoints=[0]", ["eval.checkpoints=[0]"], "eval.checkpoints", slow=True),
-        config_case("eval.checkpoints above T", ["eval.checkpoints=[1,5000]"], "eval.checkpoints", slow=True),
-        config_case("eval.checkpoints negative", ["eval.checkpoints=[-1]"], "eval.checkpoints", slow=True),
+        config_case("eval.checkpoints=[0]", ["eval.checkpoints=[0]"], "eval.checkpoints"),
+        config_case("eval.checkpoints above T", ["eval.checkpoints=[1,5000]"], "eval.checkpoints"),
+        config_case("eval.checkpoints negative", ["eval.checkpoints=[-1]"], "eval.checkpoints"),
         config_case("eval.checkpoints not a list", ["eval.checkpoints=abc"], "eval.checkpoints"),
         config_case("eval.batch_size=0", ["eval.batch_size=0"], "eval.batch_size"),
         config_case("checkpoint.every_n_edits=0", ["checkpoint.every_n_edits=0"], "checkpoint.every_n_edits"),
         config_case("on_nonfinite unknown", ["on_nonfinite=maybe"], "on_nonfinite"),
         config_case("locality callback at T=-1", ["callbacks.locality.enabled=true", "callbacks.locality.at=[-1]"],
-                    "callbacks.locality.at", slow=True),
+                    "callbacks.locality.at"),
         config_case("locality prompts file missing", ["callbacks.locality.enabled=true",
                                                       "callbacks.locality.prompts_path={tmp}/loc.txt"],
                     "loc.txt", slow=True),
@@ -335,16 +336,16 @@ def cases() -> list[Case]:
              lambda t: ["edit", *FT, *BASE, f"model.name={write(t, 'm/x.txt', 'x').parent}", f"output_dir={t / 'out'}",
                         f"data.path={write(t, 'edits.json', [easy()])}"],
              lambda t: "config.json"),
-        model_case("model hub id unreachable", "nosuchorg/nosuchmodel", "nosuchorg/nosuchmodel"),
+        model_case("model hub id unreachable", "nosuchorg/nosuchmodel", "nosuchorg/nosuchmodel", slow=True),
         config_case("model.device=cuda without a GPU", ["model.device=cuda:7"], "model.device"),
         config_case("model.device nonsense", ["model.device=gpu0"], "model.device"),
         # Components.
         Case("component", "component folder missing",
              lambda t: ["edit", *MICRO, *BASE, f"component.path={t / 'nosae'}", f"output_dir={t / 'out'}"],
-             lambda t: "nosae", slow=True),
+             lambda t: "nosae"),
         Case("component", "component folder empty",
              lambda t: ["edit", *MICRO, *BASE, f"component.path={write(t, 'empty/.keep', '').parent}",
-                        f"output_dir={t / 'out'}"], lambda t: "empty", slow=True),
+                        f"output_dir={t / 'out'}"], lambda t: "empty"),
         component_case("component cfg.json broken", lambda ts, f: ((f / "cfg.json").write_text("{oops"), ts.clear()),
                        names="cfg.json"),
         component_case("component weights truncated",

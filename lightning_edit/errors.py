@@ -55,7 +55,8 @@ def one_line(message: str) -> str:
 def describe(exc: BaseException) -> str:
     """An exception as a short phrase: its message, or its type when it has none."""
     if isinstance(exc, KeyError) and exc.args:
-        return f"missing key {exc.args[0]!r}"
+        key = exc.args[0]
+        return key if isinstance(key, str) and " " in key else f"missing key {key!r}"
     text = one_line(str(exc))
     return text or type(exc).__name__
 

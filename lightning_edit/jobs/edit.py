@@ -155,9 +155,7 @@ def _resume_from(cfg: DictConfig, output_dir: Path) -> tuple[str | None, int | N
     """(checkpoint to resume from, edits it holds) for `checkpoint.resume`: `last` without a
     checkpoint starts from the beginning (said on stderr); a given path must exist and load with
     weights_only=True (tensors and plain values, no code unpickled)."""
-    import pickle
-
-    import torch
+    from lightning_edit.runtime import peek_checkpoint
 
     resume = cfg.checkpoint.resume
     if not resume:
@@ -170,14 +168,7 @@ def _resume_from(cfg: DictConfig, output_dir: Path) -> tuple[str | None, int | N
             return None, None
         raise UserError(f"checkpoint.resume={resume}: no such file (expected a .ckpt saved by `run edit`, or "
                         "`last`)")
-    try:
-        # mmap: the tensors are not read, only the pickled structure is checked.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise UserError(f"checkpoint.resume={resume}: {path} does not load as a checkpoint with weights_only=True "
-                        f"(tensors and plain values only): {reason}") from None
+    state = peek_checkpoint(path, f"checkpoint.resume={resume}")
     edit = state.get("edit") if isinstance(state, dict) else None
     if not isinstance(edit, dict) or not isinstance(edit.get("records"), list):
         raise UserError(f"checkpoint.resume={resume}: {path} is not an edit-stream checkpoint (no 'edit' entry; "

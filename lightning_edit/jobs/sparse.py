@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_edit.config import ConfigError, RunConfig
+from lightning_edit.errors import UserError
 from lightning_edit.constants import CHECKPOINTS_DIR, EXPORT_DIR, LAST_CHECKPOINT, SUMMARY_JSON, SUMMARY_MD
 
 SUMMARY = "train top-k sparse autoencoders on residual streams"
@@ -145,31 +146,22 @@ def _resume_path(cfg: DictConfig, job: str) -> tuple[str | None, str | None]:
         return _checked_checkpoint(path), cfg.output_dir
     if cfg.output_dir:
         path = Path(cfg.output_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT
-        if not path.is_file():
-            raise ConfigError(f"resume=last: no {path}")
+        if not path.is_file():  # killed before its first checkpoint: nothing to resume, start over
+            print(f"resume=last: no checkpoint at {path} yet; training starts from its first step", file=sys.stderr)
+            return None, cfg.output_dir
         return _checked_checkpoint(path), cfg.output_dir
     candidates = sorted(Path("runs", job).glob(f"*/{CHECKPOINTS_DIR}/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise ConfigError(f"resume=last: no runs/{job}/*/checkpoints/last.ckpt; give output_dir or a path")
+        print(f"resume=last: no runs/{job}/*/checkpoints/last.ckpt yet; training starts from its first step in a "
+              "new run folder", file=sys.stderr)
+        return None, cfg.output_dir
     return _checked_checkpoint(candidates[-1]), str(candidates[-1].parents[1])
 
 
 def _checked_checkpoint(path: Path) -> str:
-    import pickle
+    from lightning_edit.runtime import peek_checkpoint
 
-    import torch
-
-    try:
-        # mmap: the tensors are not read, only the pickled structure is checked.
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        # torch's weights-only refusal names the offending global on a later line: show that one.
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise ConfigError(
-            f"resume: {path} does not load as a checkpoint with weights_only=True (tensors and plain "
-            f"values only): {reason}"
-        ) from None
+    peek_checkpoint(path, "resume")
     return str(path)
 
 
@@ -190,7 +182,7 @@ def train(cfg: DictConfig, job: str) -> int:
     field, an empty corpus) exits with status 2 before anything is written."""
     try:
         return _train(cfg, job)
-    except ConfigError as exc:  # CorpusError is one
+    except UserError as exc:  # ConfigError and CorpusError are ones
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -202,6 +194,7 @@ def _train(cfg: DictConfig, job: str) -> int:
 
     from datamodules.tokens import TokenDataModule
     from lightning_edit.config import save_config
+    from lightning_edit.errors import blame
     from lightning_edit.loggers import build_loggers
     from lightning_edit.runtime import resolve_output_dir, seed_everything, set_cpu_threads
     from lightning_edit.models import ModelAdapter, load_model
@@ -228,7 +221,8 @@ def _train(cfg: DictConfig, job: str) -> int:
 
     # The corpus is read and tokenised before anything is written: a wrong file, field or an empty
     # corpus ends here (CorpusError, exit 2) with no run folder.
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
+    with blame(f"model.name={cfg.model.name}"):
+        model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device="cpu")
     try:  # depth-relative names and patterns -> this model's modules, as the saved config records them
         cfg.hookpoints = ModelAdapter(model).resolve_hookpoints(list(cfg.hookpoints))
     except ValueError as exc:

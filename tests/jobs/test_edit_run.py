@@ -10,6 +10,7 @@ import torch
 
 from lightning_edit.config import load_config
 from lightning_edit.editors.state import base_fingerprint
+from lightning_edit.errors import UserError
 from lightning_edit.jobs import edit as edit_job
 from lightning_edit.jobs.edit_run import build_edit_run, check_edit_config, read_corpus
 from lightning_edit.world import world_for
@@ -36,7 +37,7 @@ def test_build_edit_run_gives_the_stream_model_corpus_and_a_prepared_editor(smal
 
 
 def test_the_config_is_checked_before_anything_is_loaded():
-    with pytest.raises(KeyError, match="unknown editing method 'nope'"):
+    with pytest.raises(UserError, match="unknown editing method 'nope'"):  # one line, exit 2 at the CLI
         check_edit_config(ft_config("editor.method=nope"))
     with pytest.raises(ValueError, match=r"editor\.lrr"):
         check_edit_config(ft_config("editor.lrr=1"))

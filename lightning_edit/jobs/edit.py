@@ -165,7 +165,7 @@ def _resume_from(cfg: DictConfig, output_dir: Path) -> tuple[str | None, int | N
         if resume == "last":
             print(f"checkpoint.resume=last: no checkpoint at {path} yet; the stream starts from its first edit",
                   file=sys.stderr, flush=True)
-            return None, None
+            return None, 0  # a killed run's metrics.csv starts over with it
         raise UserError(f"checkpoint.resume={resume}: no such file (expected a .ckpt saved by `run edit`, or "
                         "`last`)")
     state = peek_checkpoint(path, f"checkpoint.resume={resume}")

@@ -7,6 +7,7 @@ The table of bad inputs is `bench/bad_inputs.py`'s corpus, run through the CLI i
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -185,6 +186,35 @@ def test_failed_edit_before_first_checkpoint_resumes(small_world, straight, tmp_
     assert [e["prompt"] for e in ledger(out)] == [e["prompt"] for e in ledger(straight)]
     assert prompts[:2] == [e["prompt"] for e in ledger(straight)[:2]]
     assert same_state(out, straight)
+
+
+def test_kill_before_first_checkpoint_then_resume_last_starts_over(small_world, straight, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Killed (KeyboardInterrupt: no handler of ours runs) at the second edit, before any checkpoint
+    (every_n_edits=100): `checkpoint.resume=last` starts the stream over, says so, and ends where the
+    uninterrupted run ends; the killed part's metrics.csv rows are not kept."""
+    from lightning_edit.editors.ft import FineTune
+
+    original, calls = FineTune.apply, []
+
+    def apply(self, records):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, records)
+
+    monkeypatch.setattr(FineTune, "apply", apply)
+    out = tmp_path / "run"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        edit_job.run(edit_cfg(out))
+    assert not (out / "checkpoints" / "last.ckpt").exists() and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert edit_job.run(edit_cfg(out, "checkpoint.resume=last")) == 0
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert same_state(out, straight)
+    with (out / "csv" / "metrics.csv").open() as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f) if row.get("edit/seconds_per_edit")]
+    assert steps == [1, 2, 3] and not list((out / "csv").glob("resumed-*"))
 
 
 def test_resume_last_without_checkpoint_starts_fresh(small_world, straight, tmp_path, capsys):

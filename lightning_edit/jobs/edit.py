@@ -230,7 +230,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> int:
                         checkpoints=checkpoints, immediate=cfg.eval.immediate, on_nonfinite=cfg.on_nonfinite)
     if ckpt_path:
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # ours
-        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")  # kept
+    if resumed_at is not None:  # metrics.csv: its rows up to the checkpoint are put back (or none: a restart)
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     with blame("trainer / callbacks config"):
         trainer = _trainer(cfg, output_dir, cfg.data.batch_size, run.world, run.corpus, checkpoints, resumed_at)
 

@@ -4,6 +4,7 @@ the MicroEdit editor of the MicroEdit, gate and calibrate tests, and small model
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -136,8 +137,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def yaml_editor(method: str) -> dict:
-    """The `editor:` section of configs/<method>.yaml."""
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{method}.yaml").editor)
+    """The `editor:` section of configs/<method>.yaml (or configs/baselines/<method>.yaml)."""
+    path = CONFIGS / f"{method}.yaml"
+    path = path if path.is_file() else CONFIGS / "baselines" / f"{method}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path).editor)
 
 
 def editor_for(method: str, params: dict, world, world_model, corpus=None):
@@ -266,3 +269,40 @@ def short_stream(method: str, model, tokenizer, records, corpus, sae, transcoder
         assert torch.isfinite(edited(**ids).logits.float()).all(), method
     mean = lambda scores: sum(s.nll for s in scores) / len(scores)  # noqa: E731
     return editor, mean(before), mean(after)
+
+
+# Each method's YAML `editor:` section with what the 2-layer, 64-wide test world needs changed (layers
+# that exist, the value solver's step for ||h|| ~ 0.5, WISE's shards within a short stream).
+SMALL_WORLD_EDITORS: dict[str, dict] = {
+    "microedit": {**FAST, "hookpoint": "layers.0"},
+    "tcpe": {**SOLVER},
+    "pnke": {"layer": 0, "preserve_corpus_samples": 200, **SOLVER},
+    "ment": {"patch_scale": 80.0},
+    "fine": {},
+    "ft": {},
+    "rome": {**SOLVER},
+    "memit": {"layers": [0, 1], **SOLVER},
+    "alphaedit": {"layers": [0, 1], **SOLVER},
+    "grace": {},
+    "wise": {"layer": 0, "n_iter": 20, "save_freq": 2, "merge_freq": 4},
+}
+
+
+def small_world_editor(method: str, small_world, corpus, stats_dir, components) -> Editor:
+    """`method` over a fresh copy of the test world's model, prepared on `corpus`: its YAML section
+    with `SMALL_WORLD_EDITORS[method]` over it; `components` = {"sae": (folder, hookpoint),
+    "transcoder": (folder, hookpoint)} for the methods that need one."""
+    from lightning_edit.editors import editor_class
+
+    cls = editor_class(method)
+    params = {**yaml_editor(method), **SMALL_WORLD_EDITORS[method]}
+    if "stats_dir" in {f.name for f in dataclasses.fields(cls.config_class)}:
+        params["stats_dir"] = stats_dir
+    component = {}
+    if cls.component_kind is not None:
+        folder, hookpoint = components[cls.component_kind]
+        component = {"path": str(folder), "hookpoint": hookpoint}
+    model, tokenizer, adapter = fresh(small_world)
+    editor = new_editor(method, params, model, tokenizer, adapter, component, str(small_world.model_dir))
+    editor.prepare(corpus)
+    return editor

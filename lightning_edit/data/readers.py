@@ -20,6 +20,12 @@ Formats (METHODS.md section 3), by the fields each record carries:
   EasyEdit): `prompt` or `text` -> prompt, `target_new` or `labels` (the corrected sentence) ->
   target_new, `subject` or `concept`, locality as in ``easyedit``; kind "hallucination".
 
+Training paraphrases: every format reads an optional top-level `training_paraphrases` (str or list),
+the only field a record marks for training; it fills `EditRecord.training_paraphrases`, the one
+paraphrase field an editor sees (`EditRequest`). ZsRE's `rephrase`, CounterFact's
+`paraphrase_prompts` and EasyEdit's `rephrase_prompt` are the prompts Gen is scored on and never
+reach an editor; neither do locality or neighbourhood prompts.
+
 Files are `.json` (an array of records) or `.jsonl` (one record per line). The whole file is
 validated when read, so a malformed record stops a run before its first edit; every error names
 the file, the record (and line, for jsonl), the field, and what was expected.
@@ -243,6 +249,7 @@ def _from_zsre(f: _Fields, index: int) -> EditRecord:
         subject=f.text("subject", required=False),
         ground_truth=aliases[0] if aliases else None,
         rephrase_prompts=f.texts("rephrase"),
+        training_paraphrases=f.texts("training_paraphrases"),
         locality=locality,
         case_id=f.case_id(index),
         extra=f.extra(answers=aliases or None),
@@ -284,6 +291,7 @@ def _from_counterfact(f: _Fields, index: int) -> EditRecord:
         subject=subject,
         ground_truth=true_object,
         rephrase_prompts=f.texts("paraphrase_prompts"),
+        training_paraphrases=f.texts("training_paraphrases"),
         locality=locality,
         case_id=f.case_id(index),
         extra=f.extra(prompt_template=template, relation_id=rewrite.get("relation_id")),
@@ -302,6 +310,7 @@ def _from_easyedit(f: _Fields, index: int) -> EditRecord:
         subject=f.text("subject", required=False),
         ground_truth=f.answer("ground_truth", truth) if present else None,
         rephrase_prompts=f.texts(rephrase_name),
+        training_paraphrases=f.texts("training_paraphrases"),
         locality=f.flat_locality() + f.nested_locality(),
         kind=kind,
         case_id=f.case_id(index),
@@ -316,6 +325,7 @@ def _from_selfcheckgpt(f: _Fields, index: int) -> EditRecord:
         subject=f.first_of(("subject", "concept"), required=False),
         ground_truth=f.text("ground_truth", required=False),
         rephrase_prompts=f.texts("rephrase_prompt"),
+        training_paraphrases=f.texts("training_paraphrases"),
         locality=f.flat_locality() + f.nested_locality(),
         kind="hallucination",
         case_id=f.case_id(index),
@@ -427,6 +437,7 @@ def _to_easyedit(record: EditRecord) -> dict[str, Any]:
         "ground_truth": record.ground_truth,
         "subject": record.subject,
         "rephrase_prompt": list(record.rephrase_prompts),
+        "training_paraphrases": list(record.training_paraphrases),
         "locality_prompt": [p.prompt for p in record.locality],
         "locality_ground_truth": [p.answer for p in record.locality],
         "extra": record.extra,

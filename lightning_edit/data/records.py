@@ -1,7 +1,8 @@
 """The edit record: one requested change to a model, whatever file it came from.
 
-Every reader in `readers.py` maps its dataset onto `EditRecord`; editors, the edit stream and the
-metrics only ever see this type (METHODS.md section 3).
+Every reader in `readers.py` maps its dataset onto `EditRecord`; the edit stream, the metrics and the
+callbacks see this type (METHODS.md section 3). An editor sees only its `EditRequest`: what a user
+supplies at edit time, never the prompts the edit is scored on.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ class EditRecord:
     ground_truth: str | None = None
     """The answer before the edit, when the dataset gives one (the first alias where it lists several)."""
     rephrase_prompts: list[str] = field(default_factory=list)
-    """Paraphrases of `prompt`, scored for Gen with the same target."""
+    """Paraphrases of `prompt`, scored for Gen with the same target (never shown to an editor)."""
+    training_paraphrases: list[str] = field(default_factory=list)
+    """Paraphrases of `prompt` an editor may train on: only from fields a dataset marks for training
+    (readers.py), never the scored `rephrase_prompts`."""
     locality: list[LocalityPair] = field(default_factory=list)
-    """Unrelated prompts scored for Loc."""
+    """Unrelated prompts scored for Loc (never shown to an editor)."""
     kind: str = "fact"
     """"fact" (Rel = token accuracy) or "hallucination" (Rel = perplexity of `target_new`)."""
     case_id: str | int | None = None
@@ -67,5 +71,38 @@ class EditRecord:
             for p in data.get("locality", [])
         ]
         data["rephrase_prompts"] = list(data.get("rephrase_prompts", []))
+        data["training_paraphrases"] = list(data.get("training_paraphrases", []))
         data["extra"] = dict(data.get("extra", {}))
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What `Editor.apply` receives for one edit: what a user supplies at edit time and nothing the
+    edit is scored on (no rephrase or locality prompts, no dataset extras). Its attribute names are
+    the record's, so an editor reads `request.prompt`, `request.subject`, `request.target_new`."""
+
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    training_paraphrases: tuple[str, ...] = ()
+    """Paraphrases of `prompt` to train on (`EditRecord.training_paraphrases`); empty for most datasets."""
+    case_id: str | int | None = None
+    """The record's id, so the ledger names the edit."""
+
+    @property
+    def target(self) -> str:
+        return self.target_new
+
+    @classmethod
+    def of(cls, record: "EditRecord | EditRequest") -> "EditRequest":
+        """The request of `record` (a request is returned as it is)."""
+        if isinstance(record, EditRequest):
+            return record
+        return cls(prompt=record.prompt, target_new=record.target_new, subject=record.subject,
+                   training_paraphrases=tuple(record.training_paraphrases), case_id=record.case_id)
+
+
+def edit_requests(records) -> list[EditRequest]:
+    """`EditRequest.of` each of `records`: what the harness hands an editor."""
+    return [EditRequest.of(r) for r in records]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
+from lightning_edit.data.records import EditRequest, edit_requests
 from lightning_edit.models import model_device, parse_layer
 from lightning_edit.sparse.resolve import KIND_NAMES
 from lightning_edit.tokens import padding_side
@@ -62,7 +64,7 @@ class LedgerEntry:
 
     @classmethod
     def for_record(cls, edit_id: int, record: Any, **fields: Any) -> "LedgerEntry":
-        """The entry of edit `edit_id`, of `record` (its case id, prompt and new target)."""
+        """The entry of edit `edit_id`, of `record` (an `EditRequest`: its case id, prompt and new target)."""
         return cls(edit_id=edit_id, case_id=record.case_id, prompt=record.prompt, target=record.target_new, **fields)
 
 
@@ -106,9 +108,25 @@ class Editor(ABC):
     """Applies knowledge edits to a model; subclasses implement one method each.
 
     Lifecycle: `Editor(ctx, cfg)` (validates `cfg`, checks the component, then the subclass's
-    `setup()`) -> optional `prepare(corpus)` (statistics, calibration) -> `apply(records)` per step
+    `setup()`) -> optional `prepare(corpus)` (statistics, calibration) -> `apply(requests)` per step
     -> evaluation inside `edited()`.
+
+    `apply` sees `EditRequest`s only (prompt, subject, target_new, training paraphrases, case id):
+    every subclass's `apply` is wrapped so that whatever it is called with (`EditRecord`s from a
+    stream, requests) reaches it as requests, and the prompts an edit is scored on (rephrases,
+    locality) never do.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("apply")
+        if own is not None and not getattr(own, "_takes_requests", False):
+            @functools.wraps(own)
+            def apply(self, records: list) -> list[LedgerEntry]:
+                return own(self, edit_requests(records))
+
+            apply._takes_requests = True  # type: ignore[attr-defined]
+            cls.apply = apply
 
     name: ClassVar[str] = "editor"
     config_class: ClassVar[type | None] = None
@@ -196,8 +214,9 @@ class Editor(ABC):
         """One-off work before the first edit (statistics, calibration). Default: nothing."""
 
     @abstractmethod
-    def apply(self, records: list) -> list[LedgerEntry]:
-        """Apply one edit (or a batch where `supports_batch`), append to and return ledger entries."""
+    def apply(self, records: list[EditRequest]) -> list[LedgerEntry]:
+        """Apply one edit (or a batch where `supports_batch`), append to and return ledger entries.
+        `records` arrive as `EditRequest`s (see the class docstring)."""
 
     @contextlib.contextmanager
     def edited(self) -> Iterator[nn.Module]:

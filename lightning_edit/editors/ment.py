@@ -23,9 +23,10 @@ For one next-token error (the model's argmax after the prompt is not the target 
 
 The per-edit ledger carries the paper's cost measures (section III-E, RQ2): NeuronCost (patched
 neurons, quota + 1 for a skip), the patched neurons, the skip flag and the time, and its probe
-measures (RQ3): MAE_rank / MAE_prob on the record's rephrases (generalisation, reference: the
-originally predicted token) and on its locality prompts (specificity, reference: the target token
-before the edit), see `probe_mae`.
+measures (RQ3): MAE_rank / MAE_prob on the request's training paraphrases (generalisation,
+reference: the originally predicted token) and on `probe_spec` corpus lines that do not mention the
+subject (specificity, reference: the target token before the edit), see `probe_mae`. MENT sees the
+edit's `EditRequest` only: the prompts Gen and Loc are scored on are never its probes.
 
 Choices made here where the paper is open (each also at its config field):
 - Eq. 3 writes |R' - R|; the text asks for patches that *promote* the target, so the rank gain is
@@ -54,6 +55,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lightning_edit.data.corpus import UnrelatedLines
 from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.locate.activations import capture, replace_at, resolve_site, run_until_captured
 from lightning_edit.models import eval_mode, freeze
@@ -101,7 +103,10 @@ class MENTConfig:
     probe_top: int = 10
     """Ranks in MAE_rank are capped at this many top tokens (the paper considers the top 10)."""
     probes: bool = True
-    """Measure MAE_rank / MAE_prob on the record's rephrases and locality prompts after each edit."""
+    """Measure MAE_rank / MAE_prob after each edit on the request's training paraphrases (gen) and on
+    corpus lines that do not mention its subject (spec)."""
+    probe_spec: int = 10
+    """Corpus lines (from `prepare`, a seeded walk) per edit for the specificity probe; 0 = none."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("locate", LOCATE), ("estimate", ESTIMATE), ("plan", PLAN)):
@@ -202,7 +207,12 @@ class MENT(Editor):
         cfg.layers = list(self.layers)  # states record the absolute layers
         self.patches: list[Patch] = []
         self._pinv: Tensor | None = None  # [d_model, vocab], computed on first use
+        self.corpus_lines = UnrelatedLines()
         freeze(self.model)
+
+    def prepare(self, corpus: list[str] | None = None) -> None:
+        """Keep the reference corpus: the specificity probe's lines."""
+        self.corpus_lines = UnrelatedLines(corpus, "ment:probes")
 
     # Model access ----------------------------------------------------------------------------
 
@@ -386,7 +396,9 @@ class MENT(Editor):
     # Probes (RQ3) ----------------------------------------------------------------------------
 
     def _probe_sets(self, record) -> dict[str, list[str]]:
-        return {"gen": list(record.rephrase_prompts), "spec": [p.prompt for p in record.locality]}
+        n = self.cfg.probe_spec
+        return {"gen": list(record.training_paraphrases),
+                "spec": self.corpus_lines.draw(n, len(self.ledger) * n, [record.subject or ""])}
 
     # The Editor interface ------------------------------------------------------------------------
 

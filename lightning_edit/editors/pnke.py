@@ -5,7 +5,9 @@ weights.
 Neurons are the FFN hidden neurons of one layer (`site: ffn`: the down projection's input, output
 weights = the down projection's columns) or the latents of a top-k transcoder spliced in for that
 layer's MLP (`site: transcoder`: output weights = the transcoder's decoder rows). For one edit:
-    P_sem     the prompt, its paraphrases, then the relation's templates with the subject (m = 10)
+    P_sem     the prompt, its training paraphrases, then prompts of PNKE's own: the relation's templates
+              with the subject (an embedded world's relation whose template gives the prompt), else
+              the prompt after short contexts from corpus lines that mention no subject edited (m = 10)
     N_bg      mean |act| over P_sem > its 75th percentile over the layer, and std < the 25th (Eq. 2)
     N_trig    |act| on P_spec > 90th percentile and |IG| > 90th percentile (Eq. 3); IG with a zero
               baseline and 20 steps on log P(answer), `locate.integrated_gradients`
@@ -15,13 +17,18 @@ layer's MLP (`site: transcoder`: output weights = the transcoder's decoder rows)
               N_critical = {s > tau} (Eq. 6-7, Alg. 4)
     update    Eq. 10 (`update: ridge`): with V1 = ROME's value at the key position
               (`locate.compute_value`) and h1, h0 the critical activations on the edit and on preserve
-              samples (the record's locality prompts and a corpus sample), the closed form of
+              samples (a corpus sample, and per edit corpus lines that mention no subject edited so
+              far), the closed form of
               min_D ||D h1 - (V1 - W h1)||^2 + lambda mean_h0 ||D h0||^2 on the critical columns;
               or Eq. 9 (`update: gradient`): Adam on the output weights with the gradient masked to
               the critical columns, loss = target NLL + the same preservation term.
 Activations of a gated FFN's hidden neurons take either sign, so "high activation" compares
 magnitudes (the paper's thresholds assume non-negative activations); the std test uses the signed
 activations. Everything outside the critical columns stays bit-identical.
+
+PNKE sees an edit's `EditRequest` only (prompt, subject, target, training paraphrases): the prompts
+Gen and Loc are scored on never reach P_sem or the preserve samples. IG attributes the fact being
+replaced as the model states it now (its argmax answer to the prompt), which needs no dataset field.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from lightning_edit.data.corpus import UnrelatedLines
 from lightning_edit.editors.base import ComponentRequest, Editor, Layer, LedgerEntry
 from lightning_edit.locate import (
     Site,
@@ -50,6 +58,8 @@ from lightning_edit.sparse.splice import TranscoderMLP
 from lightning_edit.tokens import target_positions
 
 SITES = ("ffn", "transcoder")
+_CONTEXT_WORDS = 5
+"""Words of a corpus line that make one P_sem context where no relation template gives the prompt."""
 UPDATES = ("ridge", "gradient")
 
 
@@ -80,8 +90,8 @@ class PNKEConfig(ValueSolverFields):
     ig_steps: int = 20
     """Integrated Gradients path points (zero baseline, App. B.3.2)."""
     attribution_target: str = "ground_truth"
-    """Whose log-probability IG attributes: "ground_truth" (the fact being replaced; falls back to
-    the new target when a record has none) or "target_new". The paper says "K_target"."""
+    """Whose log-probability IG attributes: "ground_truth" (the fact being replaced, as the model
+    answers the prompt before the edit: its argmax token) or "target_new". The paper says "K_target"."""
     alpha: float = 0.5
     """Balance of activation and attribution in the importance score (Eq. 5, App. B.4.1)."""
     q_base: float = 85.0
@@ -92,9 +102,10 @@ class PNKEConfig(ValueSolverFields):
     """"ridge": Eq. 10's closed form (the paper's main strategy, App. B.6.3); "gradient": Eq. 9."""
     preserve_weight: float = 1.0
     """lambda of Eq. 1 / 10 on the mean squared change of preserved outputs. Not given in the paper."""
-    preserve_locality: bool = True
-    """Use the record's locality prompts (every token) as preserve samples (METHODS.md). They are the
-    prompts Loc is scored on: False keeps the evaluation blind."""
+    preserve_prompts: int = 10
+    """Per edit, this many corpus lines that mention no subject edited so far (every token) join the
+    preserve samples (METHODS.md's "unrelated prompts", from PNKE's own corpus, never the prompts Loc
+    is scored on); 0 = none."""
     preserve_corpus_samples: int | None = 1000
     """Corpus texts whose every token is a preserve sample ("a small sample of the reference corpus";
     their second moment is cached); None = all, 0 = none."""
@@ -125,6 +136,8 @@ class PNKEConfig(ValueSolverFields):
             raise ValueError(f"editor.alpha is {self.alpha} (expected a number in [0, 1])")
         if self.m_sem < 1 or self.ig_steps < 1:
             raise ValueError("editor.m_sem and editor.ig_steps must be >= 1")
+        if self.preserve_prompts < 0:
+            raise ValueError(f"editor.preserve_prompts is {self.preserve_prompts} (expected >= 0)")
 
 
 def entropy_threshold(scores: Tensor, q_base: float = 85.0, gamma: float = 10.0) -> tuple[Tensor, float, float, float]:
@@ -192,9 +205,14 @@ class PNKE(Editor):
             self.param_name = adapter.down_proj_name(self.layer) + ".weight"
         self.solver = cfg.value_solver(value_site="mlp_output", key_site=None, world=self.ctx.world)
         world = self.ctx.world
-        self.relation_templates: dict[str, list[str]] = \
-            {r.name: list(r.templates) for r in world.kb.relations} if world is not None else {}
-        """Relation id -> cloze templates with "{subject}", to fill P_sem up (an embedded world's)."""
+        self.relation_templates: list[list[str]] = \
+            [list(r.templates) for r in world.kb.relations] if world is not None else []
+        """Each relation's cloze templates with "{subject}", to fill P_sem up (an embedded world's)."""
+        self.corpus_lines = UnrelatedLines()
+        """The reference corpus (`prepare`) in a seeded order: PNKE's own source of preserve samples
+        and, without a world, of P_sem's contexts."""
+        self.subjects: set[str] = set()
+        """Every subject edited so far: corpus lines that mention one are no preserve samples."""
         self.corpus_moment: Tensor | None = None
         """E[h h^T] [n, n] of the neurons over the corpus sample (float64), from `prepare`."""
         self._base_cols: dict[int, Tensor] = {}
@@ -227,7 +245,9 @@ class PNKE(Editor):
                                position=position or self.cfg.position, subjects=subjects, site=self.site)
 
     def prepare(self, corpus: list[str] | None = None) -> None:
-        """E[h h^T] of the neurons over the corpus sample (cached): the corpus part of the preserve term."""
+        """E[h h^T] of the neurons over the corpus sample (cached): the corpus part of the preserve term;
+        the corpus lines kept (seeded order) for the per-edit preserve samples and P_sem's contexts."""
+        self.corpus_lines = UnrelatedLines(corpus, "pnke:corpus")
         n = self.cfg.preserve_corpus_samples
         if n == 0 or (self.cfg.update == "ridge" and self.cfg.preserve_weight == 0):
             return
@@ -241,12 +261,29 @@ class PNKE(Editor):
         self.corpus_moment = c.to(self.device_of(self.layer))
 
     def semantic_prompts(self, record) -> list[str]:
-        """P_sem: the prompt, its paraphrases, then the relation's templates with the subject; at most m_sem."""
-        prompts = [record.prompt, *record.rephrase_prompts]
-        relation = (record.extra or {}).get("relation_id")
-        if record.subject and relation in self.relation_templates:
-            prompts += [t.format(subject=record.subject) for t in self.relation_templates[relation]]
+        """P_sem, at most m_sem: the prompt, its training paraphrases, then the templates of the
+        embedded world's relation one of whose templates gives the prompt, with the subject; without
+        such a relation, the prompt after short contexts (a corpus line's first words)."""
+        prompts = [record.prompt, *record.training_paraphrases]
+        subject = record.subject
+        relation = next((ts for ts in self.relation_templates if subject
+                         and any(t.replace("{subject}", subject) == record.prompt for t in ts)), None)
+        if relation is not None:
+            prompts += [t.replace("{subject}", subject) for t in relation]
+        else:
+            want = self.cfg.m_sem - len(dict.fromkeys(prompts))
+            for line in self.corpus_lines.draw(want, len(self.ledger) * want, sorted(self.subjects)):
+                context = " ".join(line.split()[:_CONTEXT_WORDS]).rstrip(".")
+                prompts.append(f"{context}. {record.prompt}")
         return list(dict.fromkeys(prompts))[:self.cfg.m_sem]
+
+    def current_answer(self, record) -> str:
+        """The fact being replaced, as the model states it now: its argmax token after the prompt
+        (the new target when that token decodes to nothing)."""
+        with self.edited():
+            score = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
+        answer = self.tokenizer.decode([score.argmax_ids[0]], skip_special_tokens=True).strip()
+        return answer or record.target_new
 
     def locate(self, record) -> dict[str, Any]:
         """N_bg, N_trig, N_causal, the scores and N_critical for one record (Eq. 2-7)."""
@@ -258,8 +295,7 @@ class PNKE(Editor):
         n_bg = (mean_abs > torch.quantile(mean_abs, cfg.bg_act_percentile / 100)) & \
                (std < torch.quantile(std, cfg.bg_std_percentile / 100))  # Eq. 2
         act = a_sem[0].abs()  # |Act(n, P_spec)|: P_sem's first prompt is the edit prompt
-        answer = record.ground_truth if cfg.attribution_target == "ground_truth" and record.ground_truth \
-            else record.target_new
+        answer = self.current_answer(record) if cfg.attribution_target == "ground_truth" else record.target_new
         with self.edited():
             attr = integrated_gradients(self.model, self.tokenizer, self.adapter, self.layer, record.prompt, answer,
                                         steps=cfg.ig_steps, site=self.site, position=cfg.position,
@@ -282,7 +318,8 @@ class PNKE(Editor):
         moment = torch.zeros(c, c, dtype=torch.float64, device=self.device_of(self.layer))
         if self.corpus_moment is not None:
             moment += self.corpus_moment[neurons][:, neurons]
-        prompts = [pair.prompt for pair in record.locality] if self.cfg.preserve_locality else []
+        n = self.cfg.preserve_prompts
+        prompts = self.corpus_lines.draw(n, len(self.ledger) * n, sorted(self.subjects))
         if prompts:
             rows = self._acts(prompts, [None] * len(prompts), position="all")
             h0 = torch.cat([r[1:] if len(r) > 1 else r for r in rows])[:, neurons.cpu()]  # BOS left out
@@ -297,6 +334,8 @@ class PNKE(Editor):
             raise ValueError(f"PNKE edits one record at a time; got {len(records)} (set data.batch_size=1)")
         (record,) = records
         start = time.perf_counter()
+        if record.subject:
+            self.subjects.add(record.subject)
         with self.edited():
             before_edit = teacher_forced(self.model, self.tokenizer, [record.prompt], [record.target_new])[0]
         found = self.locate(record)
@@ -410,6 +449,7 @@ class PNKE(Editor):
             "edit_keys": torch.stack(self._edit_keys).cpu() if self._edit_keys else None,
             "edit_values": torch.stack(self._edit_values).cpu() if self._edit_values else None,
             "param": self.param_name,
+            "subjects": sorted(self.subjects),
             "ledger": self.ledger_state(),
         }
 
@@ -432,4 +472,5 @@ class PNKE(Editor):
         keys, values = state.get("edit_keys"), state.get("edit_values")
         self._edit_keys = [k.to(self.device_of(self.layer), torch.float64) for k in keys] if keys is not None else []
         self._edit_values = [v.to(self.device_of(self.layer), torch.float64) for v in values] if values is not None else []
+        self.subjects = set(state.get("subjects") or [])
         self.load_ledger(state["ledger"])

@@ -239,6 +239,21 @@ def test_write_read_round_trip(tmp_path, suffix):
     assert EditRecord.from_dict(json.loads(json.dumps(records[1].to_dict()))) == records[1]
 
 
+@pytest.mark.parametrize("raw", [ZSRE, COUNTERFACT, KNOWEDIT_ZSRE, WISE_HALLUCINATION],
+                         ids=["zsre", "counterfact", "knowedit", "selfcheckgpt"])
+def test_training_paraphrases_come_only_from_the_field_marked_for_training(tmp_path, raw):
+    (plain,) = read_edits(write_json(tmp_path / "plain.json", [raw]))
+    assert plain.training_paraphrases == []  # the rephrases a dataset ships are scored, never trained on
+    marked = dict(raw, training_paraphrases=["A paraphrase to train on", "Another one"])
+    (record,) = read_edits(write_json(tmp_path / "marked.json", [marked]))
+    assert record.training_paraphrases == ["A paraphrase to train on", "Another one"]
+    assert record.rephrase_prompts == plain.rephrase_prompts and "training_paraphrases" not in record.extra
+    (back,) = read_edits(write_edits([record], tmp_path / "back.json"))
+    assert back.training_paraphrases == record.training_paraphrases
+    with pytest.raises(EditDataError, match=r"field 'training_paraphrases\[0\]' has type number"):
+        read_edits(write_json(tmp_path / "bad.json", [dict(raw, training_paraphrases=[3])]))
+
+
 # Malformed records: each names the file, the record, the field and what was expected.
 
 def _bad(raw: dict, **changes) -> dict:

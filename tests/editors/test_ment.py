@@ -3,6 +3,7 @@ its target, the skip action, a short stream carries the paper's measures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -77,14 +78,17 @@ def test_pinv_interpolation_endpoints(small_world):
     assert torch.allclose(W_U.T @ (W_U @ r), W_U.T @ e_o, atol=1e-4)  # normal equations hold
 
 
-def test_ment_edit_flips_target_and_reports_costs(small_world, tmp_path):
+def test_ment_edit_flips_target_and_reports_costs(small_world, small_corpus, tmp_path):
     model, tokenizer, adapter = fresh(small_world)
     # patch_scale is size dependent (configs/ment.yaml): the 2-layer test world's distributions are
     # flatter, and Algorithm 1's virtual distribution then differs less from the actual one.
     params = {**yaml_editor("ment"), "patch_scale": 80.0}
     editor = new_editor("ment", params, model, tokenizer, adapter, model_name=str(small_world.model_dir))
     assert isinstance(editor, MENT)
+    editor.prepare(small_corpus)  # the specificity probe's corpus lines
     record = records(small_world, 1)[0]
+    # The gen probe reads training paraphrases only (the record's rephrases are Gen's scoring prompts).
+    record = dataclasses.replace(record, training_paraphrases=record.rephrase_prompts[:2])
     assert not teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
     before = {k: v.clone() for k, v in model.state_dict().items()}
     (entry,) = editor.apply([record])
@@ -103,6 +107,8 @@ def test_ment_edit_flips_target_and_reports_costs(small_world, tmp_path):
     assert m["target_argmax"] == 1.0 and m["skip"] == 0.0
     assert 1 <= m["neuron_cost"] == m["patched_neurons"] == len(entry.extra["patched"]) <= editor.cfg.quota
     assert {"mae_rank_gen", "mae_prob_gen", "mae_rank_spec", "mae_prob_spec"} <= set(m)
+    spec = editor._probe_sets(record)["spec"]
+    assert len(spec) == editor.cfg.probe_spec and not any(record.subject in line for line in spec)
     assert entry.changed and entry.delta_norm > 0
 
     save_edit_state(editor, tmp_path / "state")

@@ -17,6 +17,8 @@ Columns, each labelled with its protocol (lightning_edit/results.py):
   stream).
 - `Rel (immediate)`, ...: immediate protocol, the mean over all edits of the stream of each edit's
   score taken right after it was applied.
+- `landed`: the share of the stream's edits whose target was the argmax (every target token, teacher
+  forced) right after the edit (`landed` of the last results row, from `LedgerEntry.landed`).
 - `s/edit`: mean wall-clock seconds of `editor.apply` per edit over the stream (the job's own
   timing; evaluation excluded). With `--jobs > 1` the runs share the cores: use `--jobs 1` for timings.
 - `units/edit`: mean over ledger entries of the number of indices in `LedgerEntry.changed`, summed
@@ -31,6 +33,9 @@ Columns, each labelled with its protocol (lightning_edit/results.py):
   3. a tensor the editor owns (a sparse component's `W_dec`, ...) whose attribute path ends with
      the name's last part: an index is one row, width = numel / rows;
   otherwise `?` (the units are still counted). Overlapping edits are counted once per edit.
+- `note`: what the ledger says did not happen: edits the method skipped (`extra.skip`, MENT's
+  skip-action) or rolled back (`extra.rolled_back`), and edits that did not land, as counts of the
+  stream, then any problem collecting the columns.
 """
 
 from __future__ import annotations
@@ -178,6 +183,16 @@ def collect_scores(run: dict[str, Any], checkpoints: list[int]) -> None:
                     for t in checkpoints if t in rows}
     run["immediate"] = {m: (last.get("immediate") or {}).get(m) for m in METRICS}
     run["seconds_per_edit"] = last.get("seconds_per_edit")
+    run["landed"] = last.get("landed")
+
+
+def ledger_note(ledger: list[dict[str, Any]]) -> str:
+    """Edits the ledger says were skipped, rolled back or did not land, as counts of the stream."""
+    n = len(ledger)
+    counts = {"skipped": sum(bool((e.get("extra") or {}).get("skip")) for e in ledger),
+              "rolled back": sum(bool((e.get("extra") or {}).get("rolled_back")) for e in ledger),
+              "not landed": sum(e.get("landed") is False for e in ledger)}
+    return "; ".join(f"{what} {k}/{n}" for what, k in counts.items() if k)
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
@@ -235,6 +250,7 @@ def collect_params(run: dict[str, Any], model_name: str) -> None:
     """units/edit and params/edit from the run's edit ledger (module docstring)."""
     state_dir = Path(run["run_dir"]) / EDIT_STATE_DIR
     ledger = json.loads((state_dir / LEDGER_JSON).read_text())
+    run["note"] = ledger_note(ledger)
     if not ledger:
         run.update(units_per_edit=0.0, params_per_edit=0.0)
         return
@@ -270,7 +286,7 @@ def collect_params(run: dict[str, Any], model_name: str) -> None:
             continue
         for name, idx in e["changed"].items():
             if idx and widths[name] is None:
-                run.update(params_per_edit=None, note=f"params/edit: {rules[name]}")
+                run.update(params_per_edit=None, note="; ".join(filter(None, [run["note"], f"params/edit: {rules[name]}"])))
                 return
             total += len(idx) * (widths[name] or 0)
     run["params_per_edit"] = total / len(ledger)
@@ -296,7 +312,7 @@ def _count(value: float | None) -> str:
 def markdown(runs: list[dict[str, Any]], checkpoints: list[int], header: list[str]) -> str:
     columns = [f"{LABEL[m]}@{t} (final)" for t in checkpoints for m in METRICS]
     columns += [f"{LABEL[m]} (immediate)" for m in METRICS]
-    columns += ["s/edit", "units/edit", "params/edit", "note"]
+    columns += ["landed", "s/edit", "units/edit", "params/edit", "note"]
     lines = header + ["", "| method | " + " | ".join(columns) + " |",
                       "| --- | " + " | ".join(["---:"] * (len(columns) - 1)) + " | --- |"]
     for run in runs:
@@ -307,7 +323,7 @@ def markdown(runs: list[dict[str, Any]], checkpoints: list[int], header: list[st
             final = run.get("final", {})
             cells = [_fmt((final.get(str(t)) or {}).get(m)) for t in checkpoints for m in METRICS]
             cells += [_fmt(run["immediate"].get(m)) for m in METRICS]
-            cells += [_fmt(run.get("seconds_per_edit"), 3), _count(run.get("units_per_edit")),
+            cells += [_fmt(run.get("landed")), _fmt(run.get("seconds_per_edit"), 3), _count(run.get("units_per_edit")),
                       _count(run.get("params_per_edit")), run.get("note", "")]
         lines.append(f"| {run['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -355,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             collect_params(run, args.model)
         except Exception as exc:  # the scores still stand; say why the count is missing
-            run["note"] = f"params/edit: {type(exc).__name__}: {exc}"[:160]
+            run["note"] = "; ".join(filter(None, [run.get("note"), f"params/edit: {type(exc).__name__}: {exc}"[:160]]))
 
     world = args.model
     header = [
@@ -366,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()} {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {args.threads} thread(s) per run, {args.jobs} run(s) at a time. "
         "final = every edit so far scored after T edits; immediate = mean of each edit's score right "
-        "after it was applied; s/edit = editor.apply only; params/edit per bench/compare_methods.py.",
+        "after it was applied; landed = share of edits whose target was the argmax right after the edit; "
+        "s/edit = editor.apply only; params/edit per bench/compare_methods.py.",
     ]
     table = markdown(runs, checkpoints, header)
     print(table)

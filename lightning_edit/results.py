@@ -2,7 +2,10 @@
 
 A row is a plain dict (JSON types only, so it also rides in Lightning checkpoints):
 `{"T": int, "final-state": {rel, gen, loc, rel_em, gen_em, ...}, "immediate": {...} | None,
-"seconds_per_edit": float}`. "final-state" scores every edit made so far on the model as it is after
+"seconds_per_edit": float, "landed": float | None, "landed_n": int, "edits": int}`; `landed` is the
+share of the edits so far whose target was the argmax right after the edit (`landed_share`), and the
+table warns, naming the method, when it is below `LANDED_WARNING` (a stream whose edits mostly did not
+happen says so, whatever its Rel, Gen and Loc). "final-state" scores every edit made so far on the model as it is after
 T edits (the headline, METHODS.md section 3); "immediate" is the mean of the scores each edit got
 right after it was applied. Written as markdown (printed), JSON, CSV and a PNG plot.
 """
@@ -22,6 +25,8 @@ IMMEDIATE = "immediate"
 PROTOCOLS = (FINAL, IMMEDIATE)
 COLUMNS = {FINAL: ("rel", "gen", "loc", "rel_em", "gen_em"), IMMEDIATE: ("rel", "gen", "loc")}
 """Metric columns of the markdown table per protocol (JSON and CSV keep every metric)."""
+LANDED_WARNING = 0.9
+"""Below this share of landed edits the table prints a warning."""
 LABELS = {"rel": "Rel", "gen": "Gen", "loc": "Loc", "rel_em": "Rel_EM", "gen_em": "Gen_EM",
           "rel_ppl": "Rel_PPL"}
 
@@ -47,23 +52,49 @@ def _table_columns(rows: Sequence[dict]) -> list[tuple[str, str]]:
     return columns
 
 
-def markdown_table(rows: Sequence[dict], title: str | None = None) -> str:
-    """Rows T; Rel, Gen, Loc, Rel_EM, Gen_EM under the final-state protocol, then the immediate ones."""
+def landed_share(ledger: Sequence[Any]) -> dict[str, Any]:
+    """`landed` (share, None when no entry was checked), `landed_n` and `edits` of ledger entries
+    (`LedgerEntry`s or their dicts) whose `landed` was checked."""
+    flags = [e.get("landed") if isinstance(e, dict) else getattr(e, "landed", None) for e in ledger]
+    checked = [bool(f) for f in flags if f is not None]
+    return {"landed": sum(checked) / len(checked) if checked else None, "landed_n": sum(checked),
+            "edits": len(checked)}
+
+
+def landed_warning(rows: Sequence[dict], method: str | None) -> str | None:
+    """A line naming `method` and the share when the last row's `landed` is below `LANDED_WARNING`."""
+    last = rows[-1] if rows else {}
+    share = last.get("landed")
+    if share is None or share >= LANDED_WARNING:
+        return None
+    return (f"WARNING: {method or 'the method'} landed only {share:.0%} of its edits ({last.get('landed_n')}/"
+            f"{last.get('edits')}: the target was not the argmax right after the other edits), below "
+            f"{LANDED_WARNING:.0%}; its scores describe edits that mostly did not happen.")
+
+
+def markdown_table(rows: Sequence[dict], title: str | None = None, method: str | None = None) -> str:
+    """Rows T; Rel, Gen, Loc, Rel_EM, Gen_EM under the final-state protocol, then the immediate ones,
+    landed; a warning naming `method` below the table when too few edits landed (`landed_warning`)."""
     columns = _table_columns(rows)
-    header = ["T"] + [f"{LABELS.get(m, m)} ({p})" for p, m in columns] + ["s/edit"]
+    show_landed = any(row.get("landed") is not None for row in rows)
+    header = ["T"] + [f"{LABELS.get(m, m)} ({p})" for p, m in columns] + ["landed"] * show_landed + ["s/edit"]
     lines = [f"**{title}**", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("| " + " | ".join(["---:"] * len(header)) + " |")
     for row in rows:
         cells = [str(row["T"])] + [_fmt((row.get(p) or {}).get(m)) for p, m in columns]
+        cells += [_fmt(row.get("landed"))] * show_landed
         cells.append(_fmt(row.get("seconds_per_edit")))
         lines.append("| " + " | ".join(cells) + " |")
+    warning = landed_warning(rows, method)
+    if warning:
+        lines += ["", f"**{warning}**"]
     return "\n".join(lines) + "\n"
 
 
 def flat_row(row: dict) -> dict[str, Any]:
     """One CSV row: `T`, `seconds_per_edit`, and `<protocol>/<metric>` for every metric."""
-    out: dict[str, Any] = {"T": row["T"], "seconds_per_edit": row.get("seconds_per_edit")}
+    out: dict[str, Any] = {"T": row["T"], "seconds_per_edit": row.get("seconds_per_edit"), "landed": row.get("landed")}
     for protocol in PROTOCOLS:
         for key, value in (row.get(protocol) or {}).items():
             out[f"{protocol}/{key}"] = value
@@ -123,7 +154,7 @@ def save_results(rows: Sequence[dict], output_dir: str | Path, meta: dict[str, A
     writer.writeheader()
     writer.writerows(flat)
     atomic_write(paths["csv"], buffer.getvalue())
-    atomic_write(paths["md"], markdown_table(rows, title))
+    atomic_write(paths["md"], markdown_table(rows, title, (meta or {}).get("method")))
     png = temp_path(paths["png"]).with_suffix(".png")
     try:
         plot_results(rows, png, title)

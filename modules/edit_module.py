@@ -11,7 +11,10 @@ Metrics (METHODS.md section 3), logged with step = T (edits so far):
   edit so far scored on the model as it is at checkpoint T (`eval.checkpoints`, and the stream's end);
 - `edit_immediate/*`: immediate protocol, the mean over edits so far of each edit's score taken
   right after it was applied;
-- `edit/seconds_per_edit` and `edit/steps` at every step.
+- `edit/seconds_per_edit` and `edit/steps` at every step;
+- `edit/landed`: the share of edits so far whose target was the argmax (every target token, teacher
+  forced) right after the edit (`LedgerEntry.landed`, set here after each `apply`); results rows
+  carry it as `landed` (and `landed_n`, `edits`).
 
 Every edit is checked before the stream goes on (`check_edit`): the parameters its ledger entry
 says it changed, and the edited model's logits on its prompt, must be finite. An edit that wrote
@@ -38,7 +41,7 @@ from lightning_edit.errors import EditStepError, describe
 from lightning_edit.jobs.validate import NONFINITE_CHOICES, record_place
 from lightning_edit.tokens import encode, pad_id, right_padded
 from lightning_edit.metrics import EditScorer
-from lightning_edit.results import FINAL, IMMEDIATE
+from lightning_edit.results import FINAL, IMMEDIATE, landed_share
 
 IMMEDIATE_WEIGHTS = {"rel": "n", "rel_em": "n", "gen": "n_gen", "gen_em": "n_gen", "loc": "n_loc",
                      "rel_ppl": "n_hallucination"}
@@ -148,6 +151,11 @@ class EditModule(LightningModule):
                 self._not_applied()
                 raise EditStepError(f"{_places(batch)}: {problem}; the edit was refused and rolled back "
                                     "(on_nonfinite=stop; on_nonfinite=skip records it as failed and goes on)")
+        if problem is None:
+            self.editor.mark_landed(entries, self.scorer.batch_size)
+        else:
+            for entry in self.editor.ledger[before:]:
+                entry.landed = False
         self.optimizers().step()
         self.edited_records.extend(batch)
         self.edit_seconds.extend([seconds / len(batch)] * len(batch))
@@ -218,11 +226,13 @@ class EditModule(LightningModule):
             final = self.scorer.score(model, self.edited_records)
         immediate = _pool(self.immediate_scores) if self.immediate_scores else None
         row = {"T": t, FINAL: final, IMMEDIATE: immediate,
-               "seconds_per_edit": sum(self.edit_seconds) / len(self.edit_seconds)}
+               "seconds_per_edit": sum(self.edit_seconds) / len(self.edit_seconds), **landed_share(self.editor.ledger)}
         self.rows.append(row)
         metrics = {f"edit/{k}": v for k, v in final.items()}
         metrics.update({f"edit_immediate/{k}": v for k, v in (immediate or {}).items()})
         metrics["edit/mean_seconds_per_edit"] = row["seconds_per_edit"]
+        if row.get("landed") is not None:
+            metrics["edit/landed"] = row["landed"]
         self._log(metrics, t)
         return row
 

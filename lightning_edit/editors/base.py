@@ -54,6 +54,9 @@ class LedgerEntry:
     extra: dict[str, Any] = field(default_factory=dict)
     status: str = "applied"
     """"applied", or "failed": the edit was refused (it wrote NaN or Inf) and rolled back."""
+    landed: bool | None = None
+    """Whether every target token was the argmax (teacher forced) on the model as edited right after
+    this edit (`Editor.mark_landed`, called by the harness); None where nobody checked."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +236,20 @@ class Editor(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` onto an editor built over a fresh copy of the base model."""
+
+    def mark_landed(self, entries: Sequence[LedgerEntry], batch_size: int = 32) -> list[bool]:
+        """Set each entry's `landed`: its target is the argmax at every target token (teacher forced)
+        on the model as edited now. The harness calls it right after `apply`."""
+        from lightning_edit.metrics import teacher_forced
+
+        if not entries:
+            return []
+        with self.edited() as model:
+            scores = teacher_forced(model, self.tokenizer, [e.prompt for e in entries], [e.target for e in entries],
+                                    batch_size)
+        for entry, score in zip(entries, scores):
+            entry.landed = bool(score.exact)
+        return [entry.landed for entry in entries]
 
     # Optional hooks, one signature each ------------------------------------------------------
 

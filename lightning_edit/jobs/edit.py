@@ -261,6 +261,6 @@ def _run(cfg: DictConfig, output_dir: Path) -> int:
         # results.json is a finished run; each is written atomically.
         save_edit_state(editor, output_dir / EDIT_STATE_DIR)
         save_results(module.rows, output_dir, meta=meta, title=title)
-        print(markdown_table(module.rows, title))
+        print(markdown_table(module.rows, title, run.method))
         print(f"results, plot and edit state in {output_dir}")
     return 0

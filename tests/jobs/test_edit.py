@@ -16,12 +16,12 @@ from lightning_edit.config import load_config
 from lightning_edit.data import EditDataError
 from lightning_edit.editors.ft import FineTune
 from lightning_edit.jobs import edit as edit_job
-from lightning_edit.jobs.edit_run import load_edited
-from lightning_edit.metrics import EditScorer
-from lightning_edit.models import load_model
+from lightning_edit.jobs.edit_run import load_edited, new_editor
+from lightning_edit.metrics import EditScorer, teacher_forced
+from lightning_edit.models import ModelAdapter, load_model
 from lightning_edit.world import resolve_model_path
 
-from tests.helpers import HOOKPOINT
+from tests.helpers import HOOKPOINT, yaml_editor
 
 
 def edit_cfg(world, output_dir: Path, *overrides: str):
@@ -93,6 +93,28 @@ def csv_series(run_dir, column):
 
     with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
         return [(int(float(r["step"])), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def test_every_row_and_ledger_entry_says_whether_the_edits_landed(short_run, small_world):
+    ledger = json.loads((short_run / "edit_state" / "ledger.json").read_text())
+    rows = json.loads((short_run / "results.json").read_text())["rows"]
+    # Re-check each edit the way `landed` is defined: after edit i the model (edits 0..i applied,
+    # reloaded from nothing but the ledger's records) gives every target token as the argmax.
+    stream = EditStream(small_world.counterfact_path, limit=5, order_seed=0)
+    stream.setup("fit")
+    model, tokenizer = load_model(str(small_world.model_dir))
+    editor = new_editor("ft", yaml_editor("ft"), model, tokenizer, ModelAdapter(model))
+    expected = []
+    for record in stream.records:
+        editor.apply([record])
+        expected.append(teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact)
+    assert [e["landed"] for e in ledger] == expected
+    for row in rows:
+        assert row["edits"] == row["T"] and row["landed_n"] == sum(expected[:row["T"]])
+        assert row["landed"] == pytest.approx(sum(expected[:row["T"]]) / row["T"])
+    table = (short_run / "results.md").read_text()
+    assert "| landed | s/edit |" in table
+    assert ("WARNING" in table) == (rows[-1]["landed"] < 0.9)
 
 
 def test_kill_and_resume_equals_uninterrupted(small_world, tmp_path):

@@ -72,9 +72,20 @@ def landed_warning(rows: Sequence[dict], method: str | None) -> str | None:
             f"{LANDED_WARNING:.0%}; its scores describe edits that mostly did not happen.")
 
 
-def markdown_table(rows: Sequence[dict], title: str | None = None, method: str | None = None) -> str:
+def loc_unavailable(rows: Sequence[dict]) -> str | None:
+    """A note when the last row's final-state Loc could not be measured (NaN: no locality prompt left)."""
+    loc = ((rows[-1] if rows else {}).get(FINAL) or {}).get("loc")
+    if rows and (loc is None or (isinstance(loc, float) and math.isnan(loc))):
+        return ("Loc unavailable (final-state): no record of the stream has a locality prompt left to score "
+                "(the data gives none, or each is the prompt or a rephrase of an edit)")
+    return None
+
+
+def markdown_table(rows: Sequence[dict], title: str | None = None, method: str | None = None,
+                   notes: Sequence[str] = ()) -> str:
     """Rows T; Rel, Gen, Loc, Rel_EM, Gen_EM under the final-state protocol, then the immediate ones,
-    landed; a warning naming `method` below the table when too few edits landed (`landed_warning`)."""
+    landed; below the table a warning naming `method` when too few edits landed (`landed_warning`),
+    then `notes` (e.g. "Loc unavailable: ...")."""
     columns = _table_columns(rows)
     show_landed = any(row.get("landed") is not None for row in rows)
     header = ["T"] + [f"{LABELS.get(m, m)} ({p})" for p, m in columns] + ["landed"] * show_landed + ["s/edit"]
@@ -89,6 +100,7 @@ def markdown_table(rows: Sequence[dict], title: str | None = None, method: str |
     warning = landed_warning(rows, method)
     if warning:
         lines += ["", f"**{warning}**"]
+    lines += [f"\n**{note}**" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +166,7 @@ def save_results(rows: Sequence[dict], output_dir: str | Path, meta: dict[str, A
     writer.writeheader()
     writer.writerows(flat)
     atomic_write(paths["csv"], buffer.getvalue())
-    atomic_write(paths["md"], markdown_table(rows, title, (meta or {}).get("method")))
+    atomic_write(paths["md"], markdown_table(rows, title, (meta or {}).get("method"), (meta or {}).get("notes") or ()))
     png = temp_path(paths["png"]).with_suffix(".png")
     try:
         plot_results(rows, png, title)

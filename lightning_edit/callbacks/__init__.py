@@ -8,7 +8,6 @@ Trainer. Importing this package is cheap (the config only); the callbacks import
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,8 +83,10 @@ def build_callbacks(cfg: Any, *, checkpoints: Sequence[int], world: Any = None,
     """The callbacks `cfg` (a CallbacksConfig, its OmegaConf node, a dict or None) switches on.
 
     checkpoints: the run's eval.checkpoints (the default `at` of downstream and locality).
-    world: the embedded World or its name (`toyworld_mc`, default locality prompts); None otherwise.
-    corpus: lines to sample locality prompts from when there is no world (e.g. data.corpus).
+    world: the embedded World or its name (`toyworld_mc`, default locality prompts, the fact prompts
+    locality falls back on); None otherwise.
+    corpus: lines to sample locality prompts from when there is no world (e.g. data.corpus); without
+    either, locality uses the stream's own neighbourhood prompts, or says it is unavailable.
     output_dir: where the downstream cache and rendered task YAMLs go (a temp dir when None).
     progress_bar: False when the Trainer has `enable_progress_bar=False` (Lightning refuses a bar then).
     Everything that can be wrong (a HumanEval task without allow_code_execution, missing world task
@@ -109,15 +110,12 @@ def build_callbacks(cfg: Any, *, checkpoints: Sequence[int], world: Any = None,
             candidates = world.corpus_path.read_text().splitlines()
         elif corpus:
             candidates = list(corpus)
-        if prompts is None and candidates is None:
-            warnings.warn("callbacks.locality: no held-out prompts (the model is not an embedded world and there is "
-                          "no data.corpus); set callbacks.locality.prompts_path. Locality is not evaluated.",
-                          stacklevel=2)
-        else:
-            callbacks.append(LocalityEval(loc.at if loc.at is not None else checkpoints, loc.at_end, prompts=prompts,
-                                          candidates=candidates, n_prompts=loc.n_prompts, seed=loc.seed,
-                                          batch_size=loc.batch_size, topk=loc.topk,
-                                          max_reference_elements=loc.max_reference_elements))
+        world_prompts = [p for fact in world.kb.facts for p in world.kb.prompts(fact)] if world is not None else None
+        callbacks.append(LocalityEval(loc.at if loc.at is not None else checkpoints, loc.at_end, prompts=prompts,
+                                      candidates=candidates, n_prompts=loc.n_prompts, seed=loc.seed,
+                                      batch_size=loc.batch_size, topk=loc.topk,
+                                      max_reference_elements=loc.max_reference_elements,
+                                      world_prompts=world_prompts))
     if cfg.downstream.enabled:
         from .downstream import DownstreamEval
 

@@ -218,7 +218,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> int:
     from lightning_edit.editors.state import save_edit_state
     from lightning_edit.jobs.edit_run import build_edit_run, eval_points
     from lightning_edit.metrics import EditScorer
-    from lightning_edit.results import markdown_table, save_results
+    from lightning_edit.results import loc_unavailable, markdown_table, save_results
     from lightning_edit.runtime import remove_stale_temps
     from modules.edit_module import EditModule
 
@@ -255,12 +255,14 @@ def _run(cfg: DictConfig, output_dir: Path) -> int:
     if trainer.is_global_zero:
         title = f"{run.method} on {cfg.model.name}: {stream.num_edits} edits from {Path(stream.path).name}"
         meta = _meta(cfg, run, module, output_dir, checkpoints)
+        meta["notes"] = [note for note in [*(getattr(c, "unavailable", None) for c in trainer.callbacks),
+                                           loc_unavailable(module.rows)] if note]
         if meta["failed_edits"]:
             title += f" ({meta['failed_edits']} refused: NaN/Inf, rolled back and scored as not applied)"
         # edit_state/ first, results.* last (results.json the very last): a folder holding
         # results.json is a finished run; each is written atomically.
         save_edit_state(editor, output_dir / EDIT_STATE_DIR)
         save_results(module.rows, output_dir, meta=meta, title=title)
-        print(markdown_table(module.rows, title, run.method))
+        print(markdown_table(module.rows, title, run.method, meta["notes"]))
         print(f"results, plot and edit state in {output_dir}")
     return 0

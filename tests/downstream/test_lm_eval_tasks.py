@@ -5,7 +5,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from lightning_edit.downstream import DownstreamSuite, render_local_tasks
+
+
+def _mmlu_accuracy(model, tokenizer, path: Path) -> float:
+    """Accuracy of the MMLU template (configs/downstream/mmlu_local.yaml) by hand: for each row, the letter
+    " A".." D" whose tokens (the end of context + continuation, encoded whole) are most likely."""
+    right = []
+    for row in map(json.loads, path.read_text().splitlines()):
+        context = ("The following are multiple choice questions (with answers) about world facts.\n\n"
+                   + row["question"].strip() + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", row["choices"]))
+                   + "\nAnswer:")
+        scores = []
+        for letter in "ABCD":
+            whole = tokenizer(context + " " + letter, add_special_tokens=False)["input_ids"]
+            n_ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logp[j - 1, whole[j]]) for j in range(n_ctx, len(whole))))
+        right.append(max(range(4), key=scores.__getitem__) == row["answer"])
+    return sum(right) / len(right)
 
 
 def write_local_data(world, root: Path) -> Path:
@@ -50,7 +72,8 @@ def test_lm_eval_multiple_choice_and_generation_from_local_files(small_world, mo
     assert [t.source for t in suite.tasks] == ["local", "local", "world"]
     scores = suite.evaluate(model, tokenizer, state="base")
     assert scores["mmlu"].metric == "acc,none" and scores["mmlu"].n == 4
-    assert 0.0 <= scores["mmlu"].score <= 1.0
+    # lm-eval's accuracy equals ours from the log-likelihood of each letter after the rendered question.
+    assert scores["mmlu"].score == pytest.approx(_mmlu_accuracy(model, tokenizer, root / "mmlu" / "test.jsonl"))
     assert scores["gsm8k"].metric == "exact_match,strict-match" and scores["gsm8k"].n == 3
     assert "exact_match,flexible-extract" in scores["gsm8k"].metrics
     assert scores["toyworld_mc"].score >= 0.75  # the world's model knows its facts

@@ -10,7 +10,9 @@ from lightning_edit.editors.microedit import MicroEdit, MicroEditConfig
 from lightning_edit.metrics import last_token_argmax
 from lightning_edit.sparse import load_sparse_coder
 
-from tests.helpers import make_microedit
+from lightning_edit.tokens import target_positions
+
+from tests.helpers import flipped, make_microedit
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +47,31 @@ def test_mask_leaves_other_rows_bit_identical(small_world, small_sae, records):
             assert torch.equal(tensor, load_sparse_coder(small_sae[0]).state_dict()[name]), name
 
 
+def _active_latents(editor, record) -> tuple[set[int], set[int]]:
+    """(latents active at any token of prompt + target, latents active at the prompt's last token),
+    from the model's hidden states at the SAE's hookpoint (`layers.0`: hidden_states[1])."""
+    ids, start = target_positions(editor.tokenizer, record.prompt, record.target_new)
+    with torch.no_grad():
+        hidden = editor.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        acts, idx = editor.sae.encode(hidden.to(editor.sae.dtype))
+    every = set(idx[acts > 0].tolist())
+    last = set(idx[start - 1][acts[start - 1] > 0].tolist())
+    return every, last
+
+
 def test_all_rows_ablation_masks_nothing(small_world, small_sae, records):
+    record = records[0]
     editor = make_microedit(small_world, small_sae, use_topk_mask=False, mask_tokens="all")
-    last = make_microedit(small_world, small_sae)
-    entry = editor.apply([records[0]])[0]
-    assert len(entry.changed["W_dec"]) > len(last.apply([records[0]])[0].changed["W_dec"])
+    masked = make_microedit(small_world, small_sae)  # mask_tokens="last", the top-k mask on
+    every, last = _active_latents(editor, record)
+    W, base = editor.sae.W_dec.detach(), editor.sae.W_dec.detach().clone()
+    rows = editor.apply([record])[0].changed["W_dec"]
+    # Without the mask an edit may change every row prompt + target reads, and does; with it only the
+    # last prompt token's latents (M of Eq. 13).
+    assert set(rows) == every and set(masked.apply([record])[0].changed["W_dec"]) == last
+    assert last < every
+    moved = set((W != base).any(dim=1).nonzero().flatten().tolist())
+    assert moved - last and moved <= every  # rows outside the masked set really moved
 
 
 def test_single_edit_makes_target_the_argmax(small_world, small_sae, records):
@@ -89,11 +111,23 @@ def test_gate_passes_out_of_scope_input_unchanged(small_world, small_sae, record
 
 
 def test_edited_prompt_is_admitted_by_gates(small_world, small_sae, records):
-    editor = make_microedit(small_world, small_sae, gate="delta")
-    editor.apply([records[0]])
-    stats = editor.scope_statistics([records[0].prompt], gates=("delta", "overlap"))
-    assert stats["delta_last"][0] > editor.tau
-    assert stats["overlap_last"][0] == pytest.approx(1.0)  # mask "last": the last token's latents are M
+    editor = make_microedit(small_world, small_sae, gate="overlap", overlap_tau=0.4)
+    record = records[0]
+    editor.apply([record])
+    lines = small_world.corpus_path.read_text().splitlines()[:200]
+    unrelated = [line for line in lines if record.subject not in line]
+    stats = editor.scope_statistics([record.prompt, *unrelated], gates=("delta", "overlap"))
+    assert stats["delta_last"][0] > 0  # the edit prompt reads an edited row
+    assert stats["overlap"][0] >= editor.tau  # and the overlap gate admits it
+    # Unrelated lines are not admitted: measured 0 of the 198 corpus lines at tau 0.4.
+    admitted = float((stats["overlap"][1:] >= editor.tau).double().mean())
+    assert admitted <= 0.05
+    # Admission decides the output: the edit prompt gets its target, a line not admitted is the base model's.
+    outside = next(line for line, o in zip(unrelated, stats["overlap"][1:]) if o < editor.tau)
+    assert flipped(editor, record)
+    batch = editor.tokenizer([outside], return_tensors="pt")
+    with torch.no_grad(), editor.edited() as model:
+        assert torch.equal(model(**batch).logits, editor.model(**batch).logits)
 
 
 def test_rollback_restores_decoder_exactly(small_world, small_sae, records):

@@ -31,8 +31,15 @@ def test_calibrate_command_on_a_saved_state(small_world, small_sae, records, tmp
     printed = capsys.readouterr().out
     line = next(ln for ln in printed.splitlines() if ln.startswith("use it with:"))
     tau = float(line.split("editor.overlap_tau=")[1])
-    assert 0.0 <= tau <= 1.0  # a Jaccard threshold
     assert {"report.json", "summary.md", "ard_diagnostics.png"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["edits"] == 2 and report["summary"]["overlap"]["current_tau"] == 0.4
+    after = report["values"]["overlap"]["after"]
+    assert len(after["edit"]) == 2 and len(after["reference"]) == min(256, len(small_world.corpus_path.read_text().splitlines()))
+    # The printed tau is the report's proposal (6 significant digits), and it does its job on the saved
+    # state: both edit prompts (with targets) admitted, no reference line admitted (both measured).
+    assert tau == pytest.approx(report["summary"]["overlap"]["proposed_tau"], rel=1e-5)
+    assert min(after["edit"]) >= tau and sum(v >= tau for v in after["reference"]) == 0
     assert main(["calibrate", "oops"]) == 2
     assert main(["calibrate", f"state={tmp_path / 'missing'}", f"out={tmp_path / 'none'}"]) == 2
     assert "not an edit state folder" in capsys.readouterr().err and not (tmp_path / "none").exists()

@@ -172,6 +172,11 @@ def test_baseline_configs_run_a_short_stream(small_world, tmp_path, method, over
     assert edit_job.run(cfg) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["method"] == method and results["meta"]["edits"] == 4
+    row = results["rows"][-1]
+    # Each of the 4 edits landed and all 4 still hold at the end (measured for both; their Loc on this
+    # world, GRACE 0.11 and WISE 0.0 final-state, is left to the rules that set eps and the router).
+    assert row["landed"] == 1.0 and row["final-state"]["rel"] == 1.0 and row["final-state"]["n"] == 4
+    assert len(json.loads((tmp_path / "edit_state" / "ledger.json").read_text())) == 4
     assert (Path(tmp_path) / "edit_state" / "tensors.safetensors").is_file()
 
 
@@ -190,3 +195,7 @@ def test_edit_job_runs_both_methods(small_world, small_transcoder, stats_dir, tm
         cfg = load_config(edit_job.SCHEMA, overrides)
         assert edit_job.run(cfg) == 0, method
         assert (out / "results.json").is_file() and (out / "edit_state" / "state.json").is_file()
+        row = json.loads((out / "results.json").read_text())["rows"][-1]
+        # Measured: every edit landed and holds (Rel 1.0), final-state Loc 0.96 (TCPE) and 0.86 (PNKE).
+        assert row["landed"] == 1.0 and row["final-state"]["rel"] == 1.0, method
+        assert row["final-state"]["loc"] >= 0.7, method

@@ -125,9 +125,12 @@ def test_edit_scorer_loc_same_model_then_changed(tok):
     with torch.no_grad():
         m.lm_head.weight.add_(torch.randn_like(m.lm_head.weight) * 5)
     changed = resumed.score(m, records)
-    assert changed["loc"] < 1.0
+    # The cached baseline is the unedited model's: Loc equals the agreement counted against a fresh copy.
+    base = locality_predictions(make_model(len(tok), seed=1), tok, records)
+    now = locality_predictions(m, tok, records)
+    assert changed["loc"] == pytest.approx(loc_score(now, base)) and changed["loc"] < 1.0
     # Immediate scoring of one record works from the same cache.
-    assert 0.0 <= resumed.score(m, records[:1])["loc"] <= 1.0
+    assert resumed.score(m, records[:1])["loc"] == pytest.approx(loc_score(now[:1], base[:1]))
 
     with pytest.raises(KeyError, match="prepare"):
         EditScorer(tok).score(m, records)

@@ -306,3 +306,16 @@ def small_world_editor(method: str, small_world, corpus, stats_dir, components) 
     editor = new_editor(method, params, model, tokenizer, adapter, component, str(small_world.model_dir))
     editor.prepare(corpus)
     return editor
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

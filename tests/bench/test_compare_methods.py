@@ -3,21 +3,17 @@ collected from a real (tiny) run of the edit job whose edits all fail, which als
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from lightning_edit.config import load_config
 from lightning_edit.jobs import edit as edit_job
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "compare_methods.py"
+from tests.helpers import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("compare_methods", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("compare_methods")
 
 
 def test_ledger_note_counts_skipped_rolled_back_and_unlanded_edits():

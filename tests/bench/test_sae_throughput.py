@@ -3,17 +3,11 @@ timing is asserted: speed targets live in the bench's tables)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "sae_throughput.py"
+from tests.helpers import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("sae_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sae_throughput")
 
 
 def test_sizes_itself_to_the_matrix():

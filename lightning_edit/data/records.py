@@ -96,11 +96,13 @@ class EditRequest:
 
     @classmethod
     def of(cls, record: "EditRecord | EditRequest") -> "EditRequest":
-        """The request of `record` (a request is returned as it is)."""
+        """The request of `record`: an `EditRecord` or anything with its `prompt` and `target_new` (the
+        optional fields read when present); a request is returned as it is."""
         if isinstance(record, EditRequest):
             return record
-        return cls(prompt=record.prompt, target_new=record.target_new, subject=record.subject,
-                   training_paraphrases=tuple(record.training_paraphrases), case_id=record.case_id)
+        return cls(prompt=record.prompt, target_new=record.target_new, subject=getattr(record, "subject", None),
+                   training_paraphrases=tuple(getattr(record, "training_paraphrases", ()) or ()),
+                   case_id=getattr(record, "case_id", None))
 
 
 def edit_requests(records) -> list[EditRequest]:

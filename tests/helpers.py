@@ -285,6 +285,7 @@ SMALL_WORLD_EDITORS: dict[str, dict] = {
     "alphaedit": {"layers": [0, 1], **SOLVER},
     "grace": {},
     "wise": {"layer": 0, "n_iter": 20, "save_freq": 2, "merge_freq": 4},
+    "kn": {},
 }
 
 

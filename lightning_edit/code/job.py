@@ -71,7 +71,7 @@ class CodeBenchConfig:
     probe_limit: int | None = None
     """MENT: use the first N probe samples; None = all."""
     parallel: int = 10
-    """Parallel data per edit record (`rephrase_prompts`): training-corpus prompts whose next token is
+    """Parallel data per edit record (`training_paraphrases`, also scored as `rephrase_prompts`): training-corpus prompts whose next token is
     the same target, most similar first (KN needs them; MENT's paper sets 10)."""
     compiler: str | None = None
     """ldc2 executable; None = $LDC2, else ldc2 on PATH."""
@@ -261,7 +261,9 @@ def run_kecode(cfg: DictConfig, output_dir: Path, world) -> int:
             if record is None:
                 continue
             record.locality = locality_pairs(train_programs, code.locality_per_edit, cfg.seed, f"{target}/{i}")
-            record.rephrase_prompts = parallel.similar(record.prompt, record.target_new, code.parallel)
+            # Training-corpus parallel data: the editor may train on it (KN), so it is a training paraphrase.
+            record.training_paraphrases = parallel.similar(record.prompt, record.target_new, code.parallel)
+            record.rephrase_prompts = list(record.training_paraphrases)
             record.extra["cluster"] = target
             records.append(record)
         splits[target], records_by_cluster[target] = edited, records

@@ -52,8 +52,9 @@ class MentBench:
         self.rebuilds = 0
 
     def _record(self, prompt: str, target: str, case_id) -> EditRecord:
-        return EditRecord(prompt=prompt, target_new=target, case_id=case_id,
-                          rephrase_prompts=self.parallel.similar(prompt, target, self.parallel_n))
+        parallel = self.parallel.similar(prompt, target, self.parallel_n)  # training-corpus data (KN's)
+        return EditRecord(prompt=prompt, target_new=target, case_id=case_id, rephrase_prompts=parallel,
+                          training_paraphrases=list(parallel))
 
     def _apply(self, record: EditRecord) -> dict:
         """Apply one patch set; the ledger's costs and whether the target is now the argmax."""

@@ -3,7 +3,7 @@ baseline of MENT's paper (seeds/001, III-B), adapted to next-token prediction as
 
 For one edit (prompt, target):
 
-- **Prompts.** The edit prompt and its parallel data (`record.rephrase_prompts`, at most `parallel`):
+- **Prompts.** The edit prompt and its parallel data (the request's `training_paraphrases`, at most `parallel`):
   prompts that express the same knowledge (Dai et al. use PARAREL's paraphrases; MENT retrieves
   similar data from the corpus whose ground truth is the same target, 10 of them).
 - **Attribution** (Dai et al. Eq. 3-4): Integrated Gradients of the model's *probability* of the
@@ -219,7 +219,7 @@ class KnowledgeNeurons(Editor):
             target = ids[first]
             before = self._next(record.prompt)
             old = int(before.argmax())
-            prompts = [record.prompt] + list(record.rephrase_prompts)[:cfg.parallel]
+            prompts = [record.prompt] + list(record.training_paraphrases)[:cfg.parallel]
             neurons, signs, info = self.locate(prompts, record.target_new)
             saved = {(l, n): self.column(l, n).detach().clone() for l, n in neurons}
             added = []

@@ -117,3 +117,33 @@ def test_saved_edit_state_reproduces_the_edited_predictions(method, small_world,
         base = load_model(str(small_world.model_dir))[0](**batch).logits
         if method == "tcpe":
             assert torch.equal(model(**batch).logits, base)
+
+
+def test_paper_preset_states_the_papers_values_and_edits(small_world, small_corpus, records, stats_dir):
+    from omegaconf import OmegaConf
+
+    from lightning_edit.config import load_config
+    from lightning_edit.editors.pnke import PNKE
+    from lightning_edit.jobs.edit import EditJobConfig
+    from lightning_edit.jobs.edit_run import check_edit_config
+
+    cfg = load_config(EditJobConfig, ["config=pnke_paper.yaml"])
+    assert check_edit_config(cfg) is PNKE
+    section = OmegaConf.to_container(cfg.editor)
+    paper = PNKE.make_config(section)
+    assert (paper.m_sem, paper.bg_act_percentile, paper.bg_std_percentile) == (10, 75.0, 25.0)  # App. B.1-B.2
+    assert (paper.trig_act_percentile, paper.attr_percentile) == (90.0, 90.0)  # App. B.3.3
+    assert (paper.alpha, paper.q_base, paper.gamma) == (0.5, 85.0, 10.0)  # App. B.4, Alg. 4
+    assert (paper.site, paper.update, paper.edits_weight) == ("ffn", "ridge", 0.0)  # Eq. 10, K0 unedited only
+    assert paper.position == "subject_last" and paper.context_templates == PNKE.make_config({}).context_templates
+    # The preset runs: one edit on the test-size world (its 2 layers: layer 0) changes only critical columns.
+    section.pop("method")
+    editor = make_pnke(small_world, small_corpus, stats_dir, **{**section, "layer": 0, "preserve_corpus_samples": 200})
+    assert editor.cfg.position == "subject_last" and editor.cfg.m_sem == 10
+    before = snapshot(editor.model)
+    entry = editor.apply([records[0]])[0]
+    critical = entry.changed[editor.param_name]
+    assert 1 <= len(critical) == entry.extra["n_critical"]
+    w_name = editor.adapter.base_model_prefix + "." + editor.param_name
+    moved = (editor.model.state_dict()[w_name] != before[w_name]).any(dim=0).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(critical)

@@ -46,3 +46,30 @@ def test_tcpe_lim_caps_the_support_and_still_flips(small_world, small_transcoder
     entry = editor.apply([records[1]])[0]
     assert len(entry.changed[f"{HOOKPOINT}.W_dec"]) == 4
     assert flipped(editor, records[1])
+
+
+def test_paper_preset_keys_on_the_subject_token_and_edits(small_world, small_transcoder, small_corpus, records,
+                                                          stats_dir):
+    from omegaconf import OmegaConf
+
+    from lightning_edit.config import load_config
+    from lightning_edit.editors.tcpe import TCPE
+    from lightning_edit.jobs.edit import EditJobConfig
+    from lightning_edit.jobs.edit_run import check_edit_config
+
+    cfg = load_config(EditJobConfig, ["config=tcpe_paper.yaml"])
+    assert check_edit_config(cfg) is TCPE
+    section = OmegaConf.to_container(cfg.editor)
+    paper, rome = TCPE.make_config(section), TCPE.make_config({})
+    assert paper.position == "subject_last" and paper.lim is None  # "Following ROME"; Eq. 1 over all of S_j
+    assert (paper.v_steps, paper.v_lr, paper.context_templates) == (rome.v_steps, rome.v_lr, rome.context_templates)
+    # The preset runs: one edit on the test-size world changes exactly the latents active at the subject's
+    # last token, which differ from those at the prompt's last token.
+    section.pop("method")
+    editor = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, **section)
+    record = records[0]
+    at_subject = editor.support(editor.key(record.prompt, record.subject)).tolist()
+    entry = editor.apply([record])[0]
+    assert entry.changed == {f"{HOOKPOINT}.W_dec": at_subject}
+    last = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir)  # the helper keys at the last token
+    assert set(last.support(last.key(record.prompt, record.subject)).tolist()) != set(at_subject)

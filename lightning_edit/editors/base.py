@@ -274,6 +274,11 @@ class Editor(ABC):
         no such layer."""
         return self.adapter.resolve_layer(value, key)
 
+    def resolve_layers(self, values: Sequence[Layer] | None, key: str = "editor.layers") -> list[int]:
+        """`values` (each as in `resolve_layer`; None = every layer) as sorted, distinct layer indices."""
+        values = range(self.adapter.num_layers) if values is None else values
+        return sorted(set(self.adapter.resolve_layers(list(values), key)))
+
     def check_state_for(self, state: dict[str, Any], key: str, mine: Any, what: str) -> None:
         """A ValueError when a saved edit state was made for another `key` (its hookpoint, its edited
         parameter) than this editor's `mine`; `what` says what sits there (e.g. "transcoder")."""

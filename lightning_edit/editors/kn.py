@@ -47,6 +47,7 @@ from torch import Tensor
 
 from lightning_edit.editors.base import Editor, Layer, LedgerEntry
 from lightning_edit.locate.attribution import TargetObjective
+from lightning_edit.models import freeze
 from lightning_edit.tokens import encode_prompt, target_positions
 
 RULES = ("update", "enhance")
@@ -154,13 +155,11 @@ class KnowledgeNeurons(Editor):
 
     def setup(self) -> None:
         cfg = self.cfg
-        layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
-        self.layers = sorted(set(self.adapter.resolve_layers(layers, "editor.layers")))
+        self.layers = self.resolve_layers(cfg.layers)
         cfg.layers = list(self.layers)  # states record the absolute layers
         self.changes: list[tuple[int, int, int, Tensor]] = []
         """(edit id, layer, neuron, the vector added to the column)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        freeze(self.model)
 
     def column(self, layer: int, neuron: int) -> Tensor:
         return self.adapter.down_proj_weight(layer)[:, neuron]

@@ -90,7 +90,7 @@ class MEMIT(Editor):
         cfg, adapter = self.cfg, self.adapter
         if not cfg.layers:
             raise ValueError("editor.layers is empty; expected a non-empty list of layers")
-        self.layers = sorted(set(adapter.resolve_layers(cfg.layers, "editor.layers")))
+        self.layers = self.resolve_layers(cfg.layers)
         cfg.layers = list(self.layers)  # states record the absolute layers
         if cfg.stats_dtype not in STATS_DTYPES:
             raise ValueError(f"editor.stats_dtype is {cfg.stats_dtype!r}; expected one of {sorted(STATS_DTYPES)}")

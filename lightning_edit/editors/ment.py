@@ -202,8 +202,7 @@ class MENT(Editor):
 
     def setup(self) -> None:
         cfg = self.cfg
-        layers = list(range(self.adapter.num_layers)) if cfg.layers is None else list(cfg.layers)
-        self.layers = sorted(set(self.adapter.resolve_layers(layers, "editor.layers")))
+        self.layers = self.resolve_layers(cfg.layers)
         cfg.layers = list(self.layers)  # states record the absolute layers
         self.patches: list[Patch] = []
         self._pinv: Tensor | None = None  # [d_model, vocab], computed on first use

@@ -29,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = ["CallbacksConfig", "DownstreamConfig", "ExamplesConfig", "LocalityConfig", "PlotsConfig",
-           "ProgressConfig", "build_callbacks", "build_downstream_suite", *_LAZY]
+           "ProgressConfig", "build_callbacks", "build_downstream_suite", "scored_locality_prompts", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +77,35 @@ def build_downstream_suite(cfg: DownstreamConfig, world: Any = None, output_dir:
     return suite
 
 
+def _locality_sources(loc: Any, world: Any, corpus: Sequence[str] | None) -> dict[str, list[str] | None]:
+    """Where `LocalityEval` draws its prompts from (its module docstring): `prompts` from
+    `prompts_path`, else `candidates` (the world's corpus, else `corpus`), and the world's fact prompts."""
+    prompts = candidates = None
+    if loc.prompts_path:
+        prompts = [line.strip() for line in Path(loc.prompts_path).read_text().splitlines() if line.strip()]
+    elif world is not None:
+        candidates = world.corpus_path.read_text().splitlines()
+    elif corpus:
+        candidates = list(corpus)
+    world_prompts = [p for fact in world.kb.facts for p in world.kb.prompts(fact)] if world is not None else None
+    return {"prompts": prompts, "candidates": candidates, "world_prompts": world_prompts}
+
+
+def scored_locality_prompts(cfg: Any, world: Any, corpus: Sequence[str] | None, records: Sequence[Any]) -> list[str]:
+    """The prompts the locality callback of `cfg` (a CallbacksConfig or its node) will score for a
+    stream of `records` (the same sources and seeded choice), [] when it is off: the edit job keeps
+    them, and every corpus line containing one, out of the corpus an editor is prepared on."""
+    cfg = _as_config(cfg)
+    if not cfg.locality.enabled:
+        return []
+    from .locality import LocalityEval
+
+    loc = cfg.locality
+    evaluation = LocalityEval([], **_locality_sources(loc, _world(world), corpus), n_prompts=loc.n_prompts,
+                              seed=loc.seed)
+    return evaluation.prompts if evaluation.prompts is not None else evaluation.held_out(records)
+
+
 def build_callbacks(cfg: Any, *, checkpoints: Sequence[int], world: Any = None,
                     corpus: Sequence[str] | None = None, output_dir: str | Path | None = None,
                     progress_bar: bool = True) -> list:
@@ -103,19 +132,10 @@ def build_callbacks(cfg: Any, *, checkpoints: Sequence[int], world: Any = None,
         from .locality import LocalityEval
 
         loc = cfg.locality
-        prompts = candidates = None
-        if loc.prompts_path:
-            prompts = [line.strip() for line in Path(loc.prompts_path).read_text().splitlines() if line.strip()]
-        elif world is not None:
-            candidates = world.corpus_path.read_text().splitlines()
-        elif corpus:
-            candidates = list(corpus)
-        world_prompts = [p for fact in world.kb.facts for p in world.kb.prompts(fact)] if world is not None else None
-        callbacks.append(LocalityEval(loc.at if loc.at is not None else checkpoints, loc.at_end, prompts=prompts,
-                                      candidates=candidates, n_prompts=loc.n_prompts, seed=loc.seed,
-                                      batch_size=loc.batch_size, topk=loc.topk,
-                                      max_reference_elements=loc.max_reference_elements,
-                                      world_prompts=world_prompts))
+        callbacks.append(LocalityEval(loc.at if loc.at is not None else checkpoints, loc.at_end,
+                                      **_locality_sources(loc, world, corpus), n_prompts=loc.n_prompts,
+                                      seed=loc.seed, batch_size=loc.batch_size, topk=loc.topk,
+                                      max_reference_elements=loc.max_reference_elements))
     if cfg.downstream.enabled:
         from .downstream import DownstreamEval
 

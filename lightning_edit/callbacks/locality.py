@@ -59,7 +59,7 @@ class LocalityEval(CheckpointEval):
             rank_zero_warn("LocalityEval: the editor has edits already, so the unedited reference cannot be "
                            "captured; it is expected from the checkpoint being resumed")
             return
-        prompts = self.prompts if self.prompts is not None else self._held_out(stream_records(trainer))
+        prompts = self.prompts if self.prompts is not None else self.held_out(stream_records(trainer))
         if not prompts:
             self.unavailable = ("Loc unavailable: no held-out locality prompts (no corpus line, dataset "
                                 "neighbourhood prompt or world fact prompt mentions no subject of the stream; "
@@ -69,7 +69,7 @@ class LocalityEval(CheckpointEval):
         self.reference = capture_reference(editor.model, editor.tokenizer, prompts, self.batch_size, self.topk,
                                            self.max_reference_elements)
 
-    def _held_out(self, records: Sequence[Any]) -> list[str]:
+    def held_out(self, records: Sequence[Any]) -> list[str]:
         """The first source (corpus lines, the dataset's neighbourhood prompts, the world's fact prompts)
         that holds prompts mentioning no subject of the stream: `n_prompts` of them, seeded."""
         subjects = [r.subject for r in records if r.subject]

@@ -30,3 +30,12 @@ class UnrelatedLines:
                 if len(out) == n:
                     break
         return out
+
+
+def without_scored(lines: Sequence[str] | None, scored: Sequence[str]) -> list[str] | None:
+    """`lines` less every line that contains one of `scored` (prompts an evaluation scores), so that an
+    editor prepared on the rest never sees them, not even inside a longer line."""
+    if lines is None:
+        return None
+    scored = [p.strip() for p in dict.fromkeys(scored) if p.strip()]
+    return [line for line in lines if not any(p in line for p in scored)]

@@ -125,7 +125,7 @@ def _edited_now(cfg: DictConfig):
     records = list(run.stream.records)
     for record in records:
         run.editor.apply([record])
-    return run.editor, records, run.corpus or []
+    return run.editor, records, run.editor_corpus or []
 
 
 def _check_microedit(method: str | None, where: Any) -> None:

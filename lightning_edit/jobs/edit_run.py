@@ -46,11 +46,14 @@ class EditRun:
     world: Any
     """The embedded world `model.name` names, or None."""
     corpus: list[str] | None
-    """Reference corpus lines handed to `editor.prepare` (data.corpus, else the world's)."""
+    """Reference corpus lines (data.corpus, else the world's): what the callbacks draw from."""
     editor: Editor
-    """The editor of `editor.method`, prepared on `corpus`."""
+    """The editor of `editor.method`, prepared on `editor_corpus`."""
     validation: Any = None
     """The stream's `ValidationReport` (duplicates, conflicts, absent subjects, truncations)."""
+    editor_corpus: list[str] | None = None
+    """`corpus` less every line that holds a prompt the locality evaluation scores
+    (`callbacks.scored_locality_prompts`): the lines `editor.prepare` gets."""
 
     @property
     def method(self) -> str:
@@ -62,7 +65,7 @@ class EditRun:
         model = model if model is not None else self.model
         editor = new_editor(self.method, _container(self.cfg.editor), model, self.tokenizer, ModelAdapter(model),
                             _container(self.cfg.component), self.cfg.model.name, world=self.world)
-        editor.prepare(self.corpus)
+        editor.prepare(self.editor_corpus)
         return editor
 
 
@@ -111,8 +114,21 @@ def build_edit_run(cfg: DictConfig) -> EditRun:
                         _container(cfg.component), cfg.model.name, world=world)
     with blame(f"data.corpus={cfg.data.corpus}"):
         corpus = read_corpus(cfg.data.corpus, world)
-    editor.prepare(corpus)
-    return EditRun(cfg, stream, model, tokenizer, adapter, world, corpus, editor, report)
+    editor_corpus = editor_lines(cfg, world, corpus, stream.records)
+    editor.prepare(editor_corpus)
+    return EditRun(cfg, stream, model, tokenizer, adapter, world, corpus, editor, report, editor_corpus)
+
+
+def editor_lines(cfg: DictConfig, world: Any, corpus: list[str] | None, records: Any) -> list[str] | None:
+    """The corpus an editor is prepared on: `corpus` less the lines holding a locality prompt this run
+    scores (an editor never sees what it is scored on; its statistics and preserve samples come from
+    the rest)."""
+    from lightning_edit.callbacks import scored_locality_prompts
+    from lightning_edit.data.corpus import without_scored
+
+    with blame("callbacks.locality"):
+        scored = scored_locality_prompts(cfg.get("callbacks"), world, corpus, records)
+    return without_scored(corpus, scored)
 
 
 def eval_points(cfg: DictConfig, stream_length: int) -> list[int]:

@@ -36,6 +36,31 @@ def test_build_edit_run_gives_the_stream_model_corpus_and_a_prepared_editor(smal
     assert all(torch.equal(t, before[k]) for k, t in run.model.state_dict().items())
 
 
+def test_the_editor_is_never_prepared_on_a_prompt_locality_scores(small_world, small_corpus, tmp_path):
+    """The locality callback scores corpus lines that mention no subject of the stream; the editor's
+    corpus (statistics, preserve samples) holds none of them, and nothing else is taken away."""
+    from lightning_edit.callbacks import build_callbacks
+    from lightning_edit.callbacks.locality import LocalityEval
+
+    class Trainer:  # what `LocalityEval.setup` reads: the stream's records
+        datamodule = None
+
+    run = build_edit_run(ft_config("data.limit=10"))
+    loc = next(c for c in build_callbacks(run.cfg.callbacks, checkpoints=[10], world=run.world, corpus=run.corpus)
+               if isinstance(c, LocalityEval))
+    scored = loc.held_out(run.stream.records)
+    assert loc.source == "corpus" and len(scored) == run.cfg.callbacks.locality.n_prompts
+    kept = set(run.editor_corpus)
+    assert not any(p in line for p in scored for line in kept)
+    assert len(run.corpus) - len(run.editor_corpus) == sum(any(p in line for p in scored) for line in run.corpus)
+    # A prompts file: its prompts, and only the lines holding them, leave the editor's corpus.
+    (tmp_path / "loc.txt").write_text(f"{small_corpus[0]}\n{small_corpus[5]}\n")
+    run = build_edit_run(ft_config("data.limit=2", f"callbacks.locality.prompts_path={tmp_path / 'loc.txt'}"))
+    assert run.editor_corpus == [line for line in small_corpus if small_corpus[0] not in line
+                                 and small_corpus[5] not in line]
+    assert len(run.editor_corpus) < len(small_corpus)
+
+
 def test_the_config_is_checked_before_anything_is_loaded():
     with pytest.raises(UserError, match="unknown editing method 'nope'"):  # one line, exit 2 at the CLI
         check_edit_config(ft_config("editor.method=nope"))

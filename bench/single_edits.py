@@ -5,7 +5,9 @@ the default world", T = 1). For each method, each of the first `--n` records of 
 CounterFact stream (the same order as the edit job's) is applied alone to a fresh copy of the base
 model with a freshly built editor (its YAML config, `editor.prepare` on the same corpus as the job),
 then scored teacher-forced on the edited model: `argmax` = every target token is the argmax (the
-exact-match Rel of METHODS 3), `rel` = token accuracy, `gen` = the rephrases' token accuracy.
+exact-match Rel of METHODS 3), `rel` = token accuracy, `gen` = the rephrases' token accuracy, `loc` =
+the record's own neighbourhood prompts still answered as the unedited model does (Loc at T = 1),
+`units` = rows, columns, latents or codebook entries the edit changed (`LedgerEntry.changed`).
 
     python bench/single_edits.py                        # every method, toyworld, 50 records
     python bench/single_edits.py --methods ft --n 20 --set editor.lr=1e-2
@@ -44,7 +46,7 @@ def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[st
     from lightning_edit.config import load_config
     from lightning_edit.jobs.edit import SCHEMA
     from lightning_edit.jobs.edit_run import build_edit_run
-    from lightning_edit.metrics import rel_gen_scores
+    from lightning_edit.metrics import loc_score, locality_predictions, rel_gen_scores
 
     overrides = [f"config={config}", f"model.name={args.model}", "data.path=null",
                  f"data.order_seed={args.order_seed}", f"data.limit={args.n}"]
@@ -57,7 +59,9 @@ def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[st
             overrides.append(item)
     run = build_edit_run(load_config(SCHEMA, overrides))  # the job's stream, model and corpus
     records = list(run.stream.records)
-    hits, rel, gen, seconds = [], [], [], []
+    with torch.no_grad():
+        base = locality_predictions(run.model, run.tokenizer, records)
+    hits, rel, gen, loc, units, seconds = [], [], [], [], [], []
     for record in records:
         editor = run.new_editor(copy.deepcopy(run.model))  # fresh: run.model is never edited
         start = time.perf_counter()
@@ -65,12 +69,15 @@ def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[st
         seconds.append(time.perf_counter() - start)
         with torch.no_grad(), editor.edited() as edited:
             scores = rel_gen_scores(edited, run.tokenizer, [record])
+            if record.locality:
+                loc.append(loc_score(locality_predictions(edited, run.tokenizer, [record]), [base[len(hits)]]))
+        units.append(sum(len(v) for entry in editor.ledger for v in entry.changed.values()))
         hits.append(scores["rel_em"])
         rel.append(scores["rel"])
         gen.append(scores["gen"])
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"n": len(records), "argmax": mean(hits), "rel": mean(rel), "gen": mean(gen),
-            "s_per_edit": mean(seconds)}
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"n": len(records), "argmax": mean(hits), "rel": mean(rel), "gen": mean(gen), "loc": mean(loc),
+            "units": mean(units), "s_per_edit": mean(seconds)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; registered: {', '.join(EDITORS)}")
     lines = [f"Single edits on `{args.model}`: each of the first {args.n} records of the CounterFact stream "
              f"(order seed {args.order_seed}) applied alone to the unedited model.", "",
-             "| method | edits | target is argmax | Rel (token acc.) | Gen (token acc.) | s/edit |",
-             "|---|---|---|---|---|---|"]
+             "| method | edits | target is argmax | Rel (token acc.) | Gen (token acc.) | Loc (T = 1) | units/edit "
+             "| s/edit |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for method in methods:
         config, why = method_config(method, REPO / "configs")
         if config is None:
-            row = f"| {method} | - | skipped: {why} | | | |"
+            row = f"| {method} | - | skipped: {why} | | | | | |"
         else:
             s = single_edits(method, config, args)
             row = (f"| {method} | {s['n']} | {s['argmax']:.0%} ({round(s['argmax'] * s['n'])}/{s['n']}) | "
-                   f"{s['rel']:.3f} | {s['gen']:.3f} | {s['s_per_edit']:.3f} |")
+                   f"{s['rel']:.3f} | {s['gen']:.3f} | {s['loc']:.3f} | {s['units']:.1f} | {s['s_per_edit']:.3f} |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

@@ -68,8 +68,8 @@ def test_pinv_interpolation_endpoints(small_world):
     assert torch.allclose(interpolate(r_i, r_o, L, L), r_o, atol=1e-6)  # r_i + (r_o - r_i): float rounding
     assert torch.allclose(interpolate(r_i, r_o, L // 2, L), r_i + (L // 2) / L * (r_o - r_i))
     # The last layer's patch is r_o itself, the embedding side is r_i (layer l of L is 1-based).
-    assert torch.allclose(editor._patch_vector(L - 1, 0, r_i, r_o), r_o, atol=1e-6)
-    assert torch.allclose(editor._patch_vector(0, 0, r_i, r_o), r_i + (1 / L) * (r_o - r_i))
+    assert torch.allclose(editor._patch_vector(L - 1, 0, r_i, r_o, 1.0), r_o, atol=1e-6)
+    assert torch.allclose(editor._patch_vector(0, 0, r_i, r_o, 1.0), r_i + (1 / L) * (r_o - r_i))
     # r_o is the least-squares pre-image of e_o under the unembedding, computed once.
     W_U = adapter.unembedding_weight.detach().float()
     assert editor.pinv is editor.pinv and editor.pinv.shape == (adapter.hidden_size, W_U.shape[0])
@@ -156,7 +156,10 @@ def test_ment_stream_carries_its_measures(small_world, tmp_path):
         # Specificity on 10 unrelated corpus lines: the target's rank there moves by at most 0.1 places
         # on average (measured 0, 0, 0.1); a patch that promoted the target everywhere would move it ~10.
         assert 0.0 <= e["metrics_after"]["mae_rank_spec"] <= 1.0
-        assert e["extra"]["neuron_cost"] == (e["extra"]["quota"] + 1 if e["extra"]["skip"] else len(e["extra"]["patched"]))
+        # Every token resolved at the first scale (no retry was needed on this world: one attempt per
+        # token), so NeuronCost is the patched neurons.
+        assert all(len(a) == 1 for a in e["extra"]["attempts"])
+        assert e["extra"]["neuron_cost"] == len(e["extra"]["patched"])
         assert e["seconds"] > 0
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
@@ -181,3 +184,39 @@ def test_ment_steps_on_the_token_ids_of_multi_token_targets(gpt2_world):
     # Every target token was planned for (or the edit stopped at the first it could not fix).
     assert entry.extra["target_tokens"] == len(steps)
     assert entry.metrics_after["target_argmax"] == float(flipped)
+
+
+def test_ment_scale_search_lands_what_one_attempt_skips(gpt2_world):
+    """`scale_retries`: a token whose planning ends in a skip-action at patch scale s is reverted and
+    planned again at 2s with twice the candidates. Measured on toyworld-gpt2-small's record 11 (one
+    target token) with configs/ment.yaml: at scale 20 one patch gains and then nothing does (a skip);
+    at 40 one patch flips the target. NeuronCost counts the failed attempt as a skip (quota + 1)."""
+    from lightning_edit.data import read_edits
+
+    record = read_edits(gpt2_world.counterfact_path)[11]
+    params = {**yaml_editor("ment"), "probes": False}
+    outcomes = {}
+    for retries in (0, 1):
+        model, tokenizer, adapter = fresh(gpt2_world)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        editor = new_editor("ment", {**params, "scale_retries": retries}, model, tokenizer, adapter)
+        (entry,) = editor.apply([record])
+        landed = teacher_forced(model, tokenizer, [record.prompt], [record.target_new])[0].exact
+        outcomes[retries] = (landed, entry)
+        changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+        assert bool(changed) == (not entry.extra["skip"])  # a skip (every attempt failed) leaves no trace
+    (skipped, one), (flipped, two) = outcomes[0], outcomes[1]
+    quota = params["quota"]
+    assert not skipped and one.extra["skip"] and one.extra["neuron_cost"] == quota + 1
+    assert one.extra["attempts"] == [[1]] and one.extra["patch_scale"] == [params["patch_scale"]]
+    assert flipped and not two.extra["skip"] and two.extra["attempts"] == [[1, 1]]
+    assert two.extra["patch_scale"] == [params["patch_scale"] * params["scale_growth"]]
+    # The failed attempt's patch was reverted: only the resolving attempt's neuron is kept and counted.
+    assert len(two.extra["patched"]) == 1 and two.extra["neuron_cost"] == (quota + 1) + 1
+
+
+def test_ment_scale_search_validates_its_fields(small_world):
+    model, tokenizer, adapter = fresh(small_world)
+    for bad in ({"scale_retries": -1}, {"scale_growth": 1.0}, {"patch_scale": 0.0}):
+        with pytest.raises(ValueError, match="scale_retries must be >= 0"):
+            new_editor("ment", bad, model, tokenizer, adapter)

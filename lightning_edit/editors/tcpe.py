@@ -164,6 +164,8 @@ class TCPE(Editor):
         for attempt in range(self.cfg.clamp_retries + 1):
             clamps.append(self.cfg.clamp_norm_factor * self.cfg.clamp_growth ** attempt)
             solver = dataclasses.replace(self.solver, clamp_norm_factor=clamps[-1])
+            with torch.no_grad():
+                w_dec[rows] = saved  # each solve starts from the transcoder as it was before this edit
             with self.edited():
                 result = compute_value(self.model, self.tokenizer, self.adapter, self.layer, record, solver)
             residual = result.delta.double()  # v* - (W k* + b): h is the transcoder's output at the key

@@ -73,3 +73,37 @@ def test_paper_preset_keys_on_the_subject_token_and_edits(small_world, small_tra
     assert entry.changed == {f"{HOOKPOINT}.W_dec": at_subject}
     last = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir)  # the helper keys at the last token
     assert set(last.support(last.key(record.prompt, record.subject)).tolist()) != set(at_subject)
+
+
+def test_tcpe_clamp_retries_grow_the_norm_ball_until_the_edit_lands(small_world, small_transcoder, small_corpus,
+                                                                    records, stats_dir):
+    """`clamp_retries`: an edit whose target is not the argmax after the update is solved again with a
+    norm ball `clamp_growth` times larger; the kept edit is exactly a single solve at the final ball
+    (the failed attempts leave nothing behind). A ball of 1/8 ||h|| cannot flip a fact of this world."""
+    record = records[0]
+    small = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, clamp_norm_factor=0.125)
+    (entry,) = small.apply([record])
+    assert not flipped(small, record) and entry.metrics_after["target_argmax"] == 0.0
+    assert entry.extra["clamp_norm_factor"] == [0.125]
+
+    grown = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, clamp_norm_factor=0.125,
+                      clamp_retries=6, clamp_growth=2.0)
+    (entry,) = grown.apply([record])
+    assert flipped(grown, record)
+    clamps = entry.extra["clamp_norm_factor"]
+    assert 2 <= len(clamps) <= 7 and clamps == [0.125 * 2 ** i for i in range(len(clamps))]
+    once = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, clamp_norm_factor=clamps[-1])
+    once.apply([record])
+    assert torch.equal(grown.coder.W_dec, once.coder.W_dec)
+    if len(clamps) > 2:  # the ball before the last did not land either
+        short = make_tcpe(small_world, small_transcoder, small_corpus, stats_dir, clamp_norm_factor=clamps[-2])
+        short.apply([record])
+        assert not flipped(short, record)
+
+
+def test_tcpe_clamp_fields_are_checked():
+    from lightning_edit.editors.tcpe import TCPEConfig
+
+    for bad in ({"clamp_retries": -1}, {"clamp_growth": 1.0}):
+        with pytest.raises(ValueError, match="clamp_retries must be >= 0"):
+            TCPEConfig(**bad)

@@ -49,7 +49,8 @@ def single_edits(method: str, config: Path, args: argparse.Namespace) -> dict[st
     from lightning_edit.metrics import loc_score, locality_predictions, rel_gen_scores
 
     overrides = [f"config={config}", f"model.name={args.model}", "data.path=null",
-                 f"data.order_seed={args.order_seed}", f"data.limit={args.n}"]
+                 f"data.order_seed={args.order_seed}", f"data.limit={args.n}",
+                 "eval.checkpoints=null"]  # a config's stream checkpoints (kn: 1, 10, 100) do not apply here
     for item in args.overrides:
         scope, sep, rest = item.partition(":")
         if sep and "=" not in scope:

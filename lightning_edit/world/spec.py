@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Iterable, Protocol, Union
 
 if TYPE_CHECKING:
@@ -251,3 +251,19 @@ SPECS: dict[str, WorldSpec] = {
         train=TrainRecipe(warmup_steps=30, batch_size=32, length_buckets=4),
     ),
 }
+
+
+MLP_WIDTHS: tuple[int, ...] = (2048, 8192)
+"""The width study's sizes (README, `bench/width_study.py`): `toyworld-mlp<N>` is `toyworld` (same
+knowledge base, seed, tokenizer, depth and hidden size 128) with MLP width N instead of 512, so only
+the room a neuron-level edit has changes."""
+
+
+def mlp_variant(spec: WorldSpec, intermediate_size: int) -> WorldSpec:
+    """`spec` with its MLP widened (or narrowed) to `intermediate_size`; everything else as is."""
+    if not isinstance(spec.model, ModelShape):
+        raise TypeError(f"an MLP-width variant needs a Llama world (ModelShape), not {type(spec.model).__name__}")
+    return replace(spec, model=replace(spec.model, intermediate_size=intermediate_size))
+
+
+SPECS.update({f"toyworld-mlp{n}": mlp_variant(SPECS["toyworld"], n) for n in MLP_WIDTHS})

@@ -10,14 +10,15 @@ import torch
 
 from lightning_edit.world import (
     SPECS,
+    WORLD_NAMES,
     KnowledgeBase,
     World,
     resolve_model_path,
     world_dir,
 )
 from lightning_edit.world.export import corpus_sentences, export_datasets
-from lightning_edit.world.spec import (ByteLevelBPE, CompanyShape, GPT2Shape, ModelShape, TrainRecipe,
-                                       WordLevelTokenizer, WorldShape)
+from lightning_edit.world.spec import (MLP_WIDTHS, ByteLevelBPE, CompanyShape, GPT2Shape, ModelShape, TrainRecipe,
+                                       WordLevelTokenizer, WorldShape, mlp_variant)
 from lightning_edit.world.tokenizer import train_tokenizer
 
 SMALL = SPECS["toyworld-small"]
@@ -235,6 +236,29 @@ def test_world_dir(tmp_path, monkeypatch):
     assert world_dir("toyworld-small").parent == tmp_path / "env" / "worlds"
     with pytest.raises(ValueError, match="toyworld-small"):
         world_dir("toyworld-large")
+
+
+@pytest.mark.parametrize("width", MLP_WIDTHS)
+def test_mlp_width_variant_is_toyworld_with_a_wider_mlp(width, tmp_path):
+    """`toyworld-mlp<N>` (the width study): toyworld's facts, tokenizer, depth and hidden size, MLP N
+    wide, in its own cache folder. Only the spec and an untrained model are built here."""
+    from dataclasses import replace
+
+    name, base = f"toyworld-mlp{width}", SPECS["toyworld"]
+    spec = SPECS[name]
+    assert name in WORLD_NAMES and spec.model.intermediate_size == width != base.model.intermediate_size
+    assert replace(spec, model=base.model) == base  # nothing else differs
+    assert world_dir(name, 0, tmp_path) != world_dir("toyworld", 0, tmp_path)
+    tokenizer = train_tokenizer(small_kb().vocabulary_words(), 32)
+    model = spec.model.build(tokenizer)
+    hidden = base.model.hidden_size
+    assert len(model.model.layers) == base.model.num_hidden_layers
+    for layer in model.model.layers:
+        assert layer.mlp.up_proj.weight.shape == layer.mlp.gate_proj.weight.shape == (width, hidden)
+        assert layer.mlp.down_proj.weight.shape == (hidden, width)
+    assert mlp_variant(spec, 512) == base
+    with pytest.raises(TypeError, match="GPT2Shape"):
+        mlp_variant(SPECS["toyworld-gpt2"], width)
 
 
 def test_resolve_model_path(small_world):

@@ -172,7 +172,7 @@ def plot(rows: list[dict[str, Any]], limit: int, path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     widths = sorted({r["mlp_width"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     markers = "osD^v<>ph*X"
     for i, method in enumerate(methods):
         points = sorted((r["mlp_width"], r["final"]) for r in rows if r["method"] == method and r.get("final"))
@@ -180,8 +180,12 @@ def plot(rows: list[dict[str, Any]], limit: int, path: Path) -> None:
             continue
         for ax, metric in zip(axes, ("rel", "loc")):
             ax.plot([w for w, _ in points], [f[metric] for _, f in points], marker=markers[i % len(markers)],
-                    color=cmap(i % 20), label=method, linewidth=1.5, markersize=6)
+                    color=cmap(i % 10), label=method, linewidth=1.5, markersize=6)
+    unmeasured = [w for w in widths if not any(r.get("final") for r in rows if r["mlp_width"] == w)]
     for ax, title in zip(axes, (f"Rel@{limit} (final state)", f"Loc@{limit} (final state)")):
+        for w in unmeasured:  # a width in the study with no finished run says so, rather than vanishing
+            ax.axvline(w, color="grey", linestyle=":", linewidth=1)
+            ax.text(w, 0.5, "not measured", rotation=90, ha="right", va="center", color="grey", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [f"{w:,}" for w in widths])
         ax.minorticks_off()

@@ -159,6 +159,15 @@ class MicroEditConfig:
     """conflict="resolve": the replayed edits join stage 2's batch at its first step (their limits),
     when the edit itself is done (a check), and at every step after a check found one broken;
     False = at every step (a batch of 1 + `resolve_max` forwards each step). Not in the paper."""
+    resolve_active: bool = True
+    """conflict="resolve" with resolve_lazy: the joint steps carry only the replayed edits a check
+    found above their limit (an active set: the others have a zero hinge and give no gradient), and
+    all of them are checked again whenever those and the edit are done. False = every replayed edit
+    at every joint step. Not in the paper."""
+    resolve_hinge: str = "log"
+    """conflict="resolve": the hinge that keeps a replayed edit under its limit, on its worst target
+    NLL ("nll") or on its log ("log": a relative excess; the NLL's own gradient vanishes near a
+    small margin, where it loses to L_rec and the stage runs to its step cap). Not in the paper."""
     robust_views: int = 0
     """Stage 2 also trains this many views of the edit prompt in which only a random share
     `robust_keep` of the edit's rows carry the edit (the others keep their values from before it):
@@ -180,6 +189,8 @@ class MicroEditConfig:
 
         if self.conflict not in CONFLICTS:
             raise bad("conflict", f"one of {', '.join(CONFLICTS)}")
+        if self.resolve_hinge not in ("nll", "log"):
+            raise bad("resolve_hinge", '"nll" or "log"')
         if self.mask_tokens not in ("all", "last"):
             raise bad("mask_tokens", '"all" or "last"')
         if self.gate not in GATES:
@@ -421,13 +432,15 @@ class MicroEdit(HeldRouting, Editor):
             steps1 = stage1(decoder, optimizer, rec_loss, cfg.stage1_max_steps, cfg.stage1_stop) \
                 if cfg.use_stage1 else 0
             holder: dict[str, Tensor] = {}
+            replay_stats: dict[str, Any] = {}
             with substituting(self.adapter, self.hookpoint, self._output_example, holder):
                 views = cfg.robust_views if rows.numel() > 1 else 0
                 steps2, nll_before, nll_after = stage2(
                     self.model, input_ids, start, decoder, optimizer, rec_loss, cfg.rec_weight,
                     cfg.stage2_max_steps, cfg.stop_nll, holder, replay=replay, pad_id=self._pad_id(),
                     views=views, keep_share=self._robust_keep() if views else 1.0, seed=edit_id,
-                    lazy_replay=cfg.resolve_lazy)
+                    lazy_replay=cfg.resolve_lazy, active_set=cfg.resolve_active,
+                    log_hinge=cfg.resolve_hinge == "log", stats=replay_stats)
             before, after = decoder.before, decoder.param.detach().clone()
             with torch.no_grad():
                 ard_after = float(rec_loss(decoder.reconstruct()))
@@ -453,6 +466,7 @@ class MicroEdit(HeldRouting, Editor):
             extra={"stage1_steps": steps1, "stage2_steps": steps2, "rows": int(rows.numel()),
                    "rows_owned_by_earlier_edits": int(key.numel() - rows.numel()),
                    "replayed_edits": len(replay), "superseded_edits": superseded,
+                   **{f"replay_{k}" if not k.startswith("replay") else k: v for k, v in replay_stats.items()},
                    "reached_stop": bool(nll_after < cfg.stop_nll) if len(ids) - start == 1 else None},
         )
 

@@ -109,7 +109,8 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
            optimizer: torch.optim.Optimizer, rec_loss: Callable[[Tensor], Tensor], rec_weight: float,
            max_steps: int, stop_nll: float, holder: dict[str, Tensor], replay: Sequence[Replay] = (),
            pad_id: int = 0, views: int = 0, keep_share: float = 1.0, seed: int = 0,
-           lazy_replay: bool = False) -> tuple[int, float, float]:
+           lazy_replay: bool = False, active_set: bool = False, log_hinge: bool = False,
+           stats: dict[str, Any] | None = None) -> tuple[int, float, float]:
     """Adam on rec_weight L_rec + L_edit (Eq. 10 + 11) with z_hat substituted at layer l (run inside
     `substituting(..., holder)`), until every target token's NLL is below `stop_nll` or `max_steps`.
     Returns (steps, mean target NLL before, after).
@@ -120,8 +121,15 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     is done only when all of them are back under it. lazy_replay: the replayed inputs join the batch
     only at the first step (their limits), once the edit itself is done (a check), and from the
     first check that finds one of them broken on (the joint hinge steps); otherwise at every step.
+    active_set (with lazy_replay): the joint steps carry only the replayed edits some check found
+    broken (the others have a zero hinge, so no gradient), and every replayed edit is checked again
+    whenever the edit and those are done; the stage ends only after a check that finds none broken.
+    log_hinge: the hinge on log NLL (relu(log nll - log limit)) instead of NLL: the NLL's gradient
+    shrinks with the NLL itself, so near a margin of 0.01 the plain hinge barely pulls against L_rec.
     views (robust views): the edit's input is also trained in `views` copies in which only a random
     share `keep_share` of M carries the edit.
+    stats: filled with "joint_steps" (steps that carried replayed inputs), "checks", "broken"
+    (replayed edits above their limit at the end) and "replay_forwards" (replayed inputs run).
     """
     target = input_ids[0, start:]
     n_in = input_ids.shape[1]
@@ -132,14 +140,21 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     n_rows = len(decoder.local_rows)
     nll_before = nll_after = math.nan
     replay_limit = None
+    everyone = list(range(1, decoder.batch))
+    active: list[int] = [] if (lazy_replay and active_set) else everyone  # replayed rows of the joint steps
     joint = not lazy_replay
     check = bool(replay)  # the first step measures the replayed edits' limits
+    counts = {"joint_steps": 0, "checks": 0, "broken": 0, "replay_forwards": 0}
     steps = 0
     for steps in range(max_steps + 1):
         with_replay = bool(replay) and (joint or check)
-        n_b = decoder.batch if with_replay else 1
-        z_hat_b = decoder.reconstruct_batch()[:n_b]
-        ids = batch_ids[:n_b]
+        sel = [0] + (everyone if check or not active_set else active) if with_replay else [0]
+        z_hat_b = decoder.reconstruct_batch()
+        z_hat_b = z_hat_b[:1] if len(sel) == 1 else z_hat_b[sel]
+        ids = batch_ids[sel]
+        if with_replay:
+            counts["replay_forwards"] += len(sel) - 1
+            counts["checks" if check else "joint_steps"] += 1
         if views:
             keep = (torch.rand(views, n_rows, generator=gen) < keep_share).to(z_hat_b.device)
             z_hat_v = F.pad(decoder.reconstruct_views(keep), (0, 0, 0, decoder.length - n_in))
@@ -154,31 +169,49 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
             nll_before = nll_after
         done = nll.max().item() < stop_nll
         loss = rec_weight * rec_loss(z_hat_b[0, :n_in]) + nll.mean()  # Eq. 10 + Eq. 11
+        n_b = len(sel)
         if views:  # the partial views: the target at the margin too
             view_nll = F.cross_entropy(logits[n_b:, start - 1:n_in - 1].float().flatten(0, 1),
                                        target.repeat(views), reduction="none")
             done = done and view_nll.max().item() < stop_nll
             loss = loss + view_nll.mean()
         if with_replay:  # earlier edits: each one's worst target token may not end above its limit
-            old = torch.stack([F.cross_entropy(logits[b, r.start - 1:len(r.input_ids) - 1].float(),
+            chosen = [replay[b - 1] for b in sel[1:]]
+            old = torch.stack([F.cross_entropy(logits[j, r.start - 1:len(r.input_ids) - 1].float(),
                                                r.input_ids[r.start:], reduction="none").max()
-                               for b, r in enumerate(replay, 1)])
+                               for j, r in enumerate(chosen, 1)])
             if replay_limit is None:
                 replay_limit = old.detach().clamp_min(stop_nll)
-            broken = bool((old.detach() > replay_limit).any())
+            limit = replay_limit[torch.tensor(sel[1:], device=old.device) - 1]
+            over = old.detach() > limit
+            broken = bool(over.any())
+            if active_set and broken:
+                active = sorted(set(active) | {sel[1 + j] for j in over.nonzero().flatten().tolist()})
+            counts["broken"] = int(over.sum()) if check or not active_set else counts["broken"]
             joint = joint or (broken and steps > 0)
             done = done and not broken
-            loss = loss + F.relu(old - replay_limit).sum()  # a hinge: only what broke
+            if log_hinge:  # in log NLL: a relative excess, whose pull does not vanish as the NLL nears 0
+                loss = loss + F.relu(old.clamp_min(1e-12).log() - limit.log()).sum()
+            else:
+                loss = loss + F.relu(old - limit).sum()  # a hinge: only what broke
         elif replay and done:  # lazy: the edit is done; check the replayed edits before stopping
+            check = True
+            if steps < max_steps:
+                continue
+        if with_replay and active_set and done and not check:  # the active ones are fine: check all
             check = True
             if steps < max_steps:
                 continue
         check = False
         if done or steps == max_steps:
+            if with_replay and active_set and done:
+                counts["broken"] = 0
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if stats is not None:
+        stats.update(counts)
     return steps, nll_before, nll_after
 
 

@@ -12,7 +12,7 @@ from lightning_edit.sparse import load_sparse_coder
 
 from lightning_edit.tokens import target_positions
 
-from tests.helpers import flipped, make_microedit
+from tests.helpers import FAST, flipped, make_microedit
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,8 @@ def test_own_conflict_never_moves_an_earlier_edits_rows(small_world, small_sae, 
     assert again.changed["W_dec"] == [] and again.extra["rows_owned_by_earlier_edits"] == len(rows)
 
 
-@pytest.mark.parametrize("lazy", [True, False])
-def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, records, lazy):
+@pytest.mark.parametrize("lazy,active,hinge", [(True, True, "log"), (True, False, "nll"), (False, False, "log")])
+def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, records, lazy, active, hinge):
     def rel(editor):
         with editor.edited() as model:
             got = last_token_argmax(model, editor.tokenizer, [r.prompt for r in records])
@@ -231,11 +231,35 @@ def test_resolve_replays_earlier_edits_that_share_rows(small_world, small_sae, r
         return sum(g == w for g, w in zip(got, want)) / len(records)
 
     share = make_microedit(small_world, small_sae, gate="none", conflict="share")
-    resolve = make_microedit(small_world, small_sae, gate="none", conflict="resolve", resolve_lazy=lazy)
+    resolve = make_microedit(small_world, small_sae, gate="none", conflict="resolve", resolve_lazy=lazy,
+                             resolve_active=active, resolve_hinge=hinge)
     share.apply(records)
     entries = resolve.apply(records)
     assert sum(e.extra["replayed_edits"] for e in entries) > 0  # the test world's edits do share rows
     assert rel(resolve) == 1.0 and rel(resolve) >= rel(share)
+    for e in entries:  # the replay counters add up: every check runs all replayed edits, a joint step no more
+        n = e.extra["replayed_edits"]
+        assert e.extra["replay_checks"] * n <= e.extra["replay_forwards"]
+        assert e.extra["replay_forwards"] <= (e.extra["replay_checks"] + e.extra["replay_joint_steps"]) * n
+        assert (e.extra["replay_checks"] > 0) == (n > 0)
+
+
+def test_active_set_runs_fewer_replayed_inputs_for_the_same_guarantee(small_world, small_sae, records):
+    """The active set carries only the replayed edits a check found broken: on a stream where joint
+    steps happen, it runs fewer replayed inputs than replaying all of them, and ends on a clean check."""
+    runs = {}
+    for active in (True, False):
+        editor = make_microedit(small_world, small_sae, gate="none", conflict="resolve", resolve_max=64,
+                                resolve_active=active, resolve_hinge="nll")
+        runs[active] = editor.apply(read_edits(small_world.counterfact_path)[:8])
+    joint = [e for e in runs[False] if e.extra["replay_joint_steps"]]
+    assert joint, "no edit needed joint steps on this stream: the test proves nothing"
+    forwards = {a: sum(e.extra["replay_forwards"] for e in es) for a, es in runs.items()}
+    assert forwards[True] < forwards[False]
+    cap = FAST["stage2_max_steps"]
+    for e in runs[True]:
+        if e.extra["stage2_steps"] < cap and e.extra["replayed_edits"]:
+            assert e.extra["replay_broken"] == 0
 
 
 def test_resolve_lets_a_re_edit_supersede_the_earlier_edit(small_world, small_sae, records):

@@ -466,7 +466,7 @@ class MicroEdit(HeldRouting, Editor):
             extra={"stage1_steps": steps1, "stage2_steps": steps2, "rows": int(rows.numel()),
                    "rows_owned_by_earlier_edits": int(key.numel() - rows.numel()),
                    "replayed_edits": len(replay), "superseded_edits": superseded,
-                   **{f"replay_{k}" if not k.startswith("replay") else k: v for k, v in replay_stats.items()},
+                   **replay_stats,
                    "reached_stop": bool(nll_after < cfg.stop_nll) if len(ids) - start == 1 else None},
         )
 

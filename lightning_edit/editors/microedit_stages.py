@@ -128,8 +128,9 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     shrinks with the NLL itself, so near a margin of 0.01 the plain hinge barely pulls against L_rec.
     views (robust views): the edit's input is also trained in `views` copies in which only a random
     share `keep_share` of M carries the edit.
-    stats: filled with "joint_steps" (steps that carried replayed inputs), "checks", "broken"
-    (replayed edits above their limit at the end) and "replay_forwards" (replayed inputs run).
+    stats: filled with "replay_joint_steps" (steps that carried replayed inputs), "replay_checks",
+    "replay_broken" (replayed edits above their limit at the end) and "replay_forwards" (replayed
+    inputs run).
     """
     target = input_ids[0, start:]
     n_in = input_ids.shape[1]
@@ -144,7 +145,7 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     active: list[int] = [] if (lazy_replay and active_set) else everyone  # replayed rows of the joint steps
     joint = not lazy_replay
     check = bool(replay)  # the first step measures the replayed edits' limits
-    counts = {"joint_steps": 0, "checks": 0, "broken": 0, "replay_forwards": 0}
+    counts = {"replay_joint_steps": 0, "replay_checks": 0, "replay_broken": 0, "replay_forwards": 0}
     steps = 0
     for steps in range(max_steps + 1):
         with_replay = bool(replay) and (joint or check)
@@ -154,7 +155,7 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
         ids = batch_ids[sel]
         if with_replay:
             counts["replay_forwards"] += len(sel) - 1
-            counts["checks" if check else "joint_steps"] += 1
+            counts["replay_checks" if check else "replay_joint_steps"] += 1
         if views:
             keep = (torch.rand(views, n_rows, generator=gen) < keep_share).to(z_hat_b.device)
             z_hat_v = F.pad(decoder.reconstruct_views(keep), (0, 0, 0, decoder.length - n_in))
@@ -187,7 +188,7 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
             broken = bool(over.any())
             if active_set and broken:
                 active = sorted(set(active) | {sel[1 + j] for j in over.nonzero().flatten().tolist()})
-            counts["broken"] = int(over.sum()) if check or not active_set else counts["broken"]
+            counts["replay_broken"] = int(over.sum()) if check or not active_set else counts["replay_broken"]
             joint = joint or (broken and steps > 0)
             done = done and not broken
             if log_hinge:  # in log NLL: a relative excess, whose pull does not vanish as the NLL nears 0
@@ -205,7 +206,7 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
         check = False
         if done or steps == max_steps:
             if with_replay and active_set and done:
-                counts["broken"] = 0
+                counts["replay_broken"] = 0
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

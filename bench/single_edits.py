@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",") if args.methods else list(EDITORS)
     unknown = [m for m in methods if m not in EDITORS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; registered: {', '.join(EDITORS)}")
+        print(f"error: unknown method(s) {', '.join(unknown)}; registered: {', '.join(EDITORS)}", file=sys.stderr)
+        raise SystemExit(2)  # a user's mistake: one line, exit 2
     lines = [f"Single edits on `{args.model}`: each of the first {args.n} records of the CounterFact stream "
              f"(order seed {args.order_seed}) applied alone to the unedited model.", "",
              "| method | edits | target is argmax | Rel (token acc.) | Gen (token acc.) | Loc (T = 1) | units/edit "

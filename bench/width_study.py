@@ -58,7 +58,9 @@ def mlp_width(world: str) -> int:
     from lightning_edit.world import SPECS
 
     if world not in SPECS:
-        raise SystemExit(f"error: --worlds: '{world}' is not an embedded fact world; choices: {', '.join(SPECS)}")
+        print(f"error: --worlds: '{world}' is not an embedded fact world; choices: {', '.join(SPECS)}",
+              file=sys.stderr)
+        raise SystemExit(2)  # a user's mistake: one line, exit 2
     model = SPECS[world].model
     return getattr(model, "intermediate_size", None) or getattr(model, "n_inner")
 

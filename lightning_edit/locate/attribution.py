@@ -57,6 +57,25 @@ class TargetObjective:
         self.ids = torch.tensor(ids, dtype=torch.long, device=device)  # [T]
         self.target_ids = self.ids[self.start:]  # [n_target]
 
+    @classmethod
+    def on_ids(cls, model: nn.Module, adapter: ModelAdapter, layer: int, ids: list[int], start: int, *,
+               site: SiteSpec = "down_proj_input", objective: str = "logit") -> "TargetObjective":
+        """The objective on token ids already split: `ids[:start]` the condition, `ids[start:]` the
+        target, the site read and replaced at the condition's last position. For a target token after
+        earlier target tokens (their ids in the condition): re-tokenising decoded text does not give
+        those ids back for a byte-level BPE whose words carry their leading space."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+        if not 0 < start < len(ids):
+            raise ValueError(f"start is {start} for {len(ids)} ids (expected a condition and a target)")
+        self = cls.__new__(cls)
+        self.model, self.adapter, self.objective = model, adapter, objective
+        self.site = resolve_site(adapter, layer, site)
+        self.start, self.position = start, start - 1
+        self.ids = torch.tensor(ids, dtype=torch.long, device=model_device(model))
+        self.target_ids = self.ids[start:]
+        return self
+
     def activation(self) -> torch.Tensor:
         """The site's original vector at the position, [d] (float32)."""
         with torch.no_grad(), eval_mode(self.model), capture(self.adapter, self.site, stop=True) as seen:

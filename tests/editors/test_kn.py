@@ -11,6 +11,7 @@ from lightning_edit.editors.base import EditorContext
 from lightning_edit.editors.kn import KNConfig, KnowledgeNeurons, probability_ig, refine
 from lightning_edit.locate.attribution import TargetObjective
 from lightning_edit.models import ModelAdapter, load_model
+from lightning_edit.tokens import target_positions
 
 
 def test_refine_keeps_shared_neurons_and_moves_the_share():
@@ -44,37 +45,75 @@ def test_probability_ig_is_complete(small_world):
     assert abs(fine) <= 0.02 * max(abs(gap), 0.1)
 
 
-def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
-    model, tok = load_model(str(small_world.model_dir))
+def _check_edit(world, fact_index: int, new: str | None = None, **overrides) -> dict:
+    """One KN edit on the world's fact: the located value slots, and nothing else, moved by the update
+    rule per target token; every target token is the argmax after it; rollback and reload."""
+    model, tok = load_model(str(world.model_dir))
     adapter = ModelAdapter(model)
-    kb = small_world.kb
-    fact = kb.facts[3]
+    kb = world.kb
+    fact = kb.facts[fact_index]
     rel = kb.relation(fact.relation)
-    new = next(o for o in rel.objects if o != fact.object)
+    new = new or next(o for o in rel.objects if o != fact.object)
     prompts = kb.prompts(fact)
     record = EditRecord(prompt=prompts[0], target_new=new, rephrase_prompts=prompts[1:], case_id=0)
     before = {l: adapter.down_proj_weight(l).detach().clone() for l in range(adapter.num_layers)}
-    editor = KnowledgeNeurons(EditorContext(model, tok, adapter), KNConfig(steps=8, lambda2=64.0))
+    editor = KnowledgeNeurons(EditorContext(model, tok, adapter), KNConfig(**{"steps": 8, "lambda2": 64.0, **overrides}))
     entry = editor.apply([record])[0]
-    neurons = entry.extra["neurons"]
-    assert 1 <= len(neurons) <= 5 or entry.metrics_after["skip"] == 1.0
+    tokens = entry.extra["tokens"]
+    ids, start = target_positions(tok, prompts[0], new)
+    assert entry.extra["target_tokens"] == len(ids) - start
+    assert all(1 <= len(t["neurons"]) <= 5 for t in tokens)
+    assert {t["token"] for t in tokens} <= set(ids[start:])
     changed = {(l, n) for l in range(adapter.num_layers)
                for n in (adapter.down_proj_weight(l) - before[l]).abs().sum(0).nonzero().flatten().tolist()}
     if entry.metrics_after["skip"]:
         assert not changed and entry.metrics_after["neuron_cost"] == 11  # reverted, costed quota + 1
-    else:
-        assert changed == {tuple(n) for n in neurons}  # only the knowledge neurons' value slots moved
-        assert entry.metrics_after["target_argmax"] == 1.0
-        l, n = neurons[0]
-        old, tgt = entry.extra["old_token"], tok(" " + new, add_special_tokens=False)["input_ids"][0]
-        sign = entry.extra["signs"][0]
-        expected = sign * (-adapter.unembedding_weight[old] + 64.0 * adapter.unembedding_weight[tgt])
-        assert torch.allclose(adapter.down_proj_weight(l)[:, n] - before[l][:, n], expected, atol=1e-5)
-        state = editor.state_dict()
-        editor.rollback(entry.edit_id)
-        for layer in range(adapter.num_layers):
-            assert torch.allclose(adapter.down_proj_weight(layer), before[layer], atol=1e-6)
-        fresh, _ = load_model(str(small_world.model_dir))
-        again = KnowledgeNeurons(EditorContext(fresh, tok, ModelAdapter(fresh)), KNConfig())
-        again.load_state_dict(state)
-        assert torch.allclose(ModelAdapter(fresh).down_proj_weight(l)[:, n], before[l][:, n] + expected, atol=1e-5)
+        return {"entry": entry, "ids": ids, "start": start}
+    assert changed == {tuple(n) for t in tokens for n in t["neurons"]}  # only the knowledge neurons moved
+    assert entry.metrics_after["target_argmax"] == 1.0
+    with torch.no_grad():  # every target token is the argmax, teacher forced
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    assert logits[start - 1:-1].argmax(-1).tolist() == ids[start:]
+    expected: dict[tuple[int, int], torch.Tensor] = {}
+    for t in tokens:
+        for (l, n), sign in zip(t["neurons"], t["signs"]):
+            lam = editor.cfg.lambda2 * t["lambda_scale"]
+            step = sign * t["lambda_scale"] * (-adapter.unembedding_weight[t["old_token"]]) \
+                + sign * lam * adapter.unembedding_weight[t["token"]]
+            expected[(l, n)] = expected.get((l, n), 0) + step
+    for (l, n), delta in expected.items():
+        assert torch.allclose(adapter.down_proj_weight(l)[:, n] - before[l][:, n], delta, atol=1e-4)
+    state = editor.state_dict()
+    editor.rollback(entry.edit_id)
+    for layer in range(adapter.num_layers):
+        assert torch.allclose(adapter.down_proj_weight(layer), before[layer], atol=1e-5)
+    fresh, _ = load_model(str(world.model_dir))
+    again = KnowledgeNeurons(EditorContext(fresh, tok, ModelAdapter(fresh)), KNConfig())
+    again.load_state_dict(state)
+    for (l, n), delta in expected.items():
+        assert torch.allclose(ModelAdapter(fresh).down_proj_weight(l)[:, n], before[l][:, n] + delta, atol=1e-4)
+    return {"entry": entry, "ids": ids, "start": start}
+
+
+def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
+    out = _check_edit(small_world, 3)
+    assert out["entry"].metrics_after["skip"] == 0.0
+
+
+def test_targets_of_several_tokens_are_edited_token_by_token(gpt2_world):
+    """On the byte-level BPE world, objects of several tokens: each token not yet the argmax gets its
+    own knowledge neurons and update (editing only the first token, as before, lands none of these
+    whose later tokens are not already the argmax). With the shipped search (lambda_retries 4,
+    sweeps 4) most land; every landed one has every target token the argmax (`_check_edit`)."""
+    kb = gpt2_world.kb
+    _, tok = load_model(str(gpt2_world.model_dir))
+    outs = []
+    for i, fact in enumerate(kb.facts[:8]):
+        prompt = kb.prompts(fact)[0]
+        new = next(o for o in kb.relation(fact.relation).objects if o != fact.object)
+        ids, start = target_positions(tok, prompt, new)
+        if len(ids) - start >= 2:
+            outs.append(_check_edit(gpt2_world, i, new, lambda2=8.0, lambda_retries=4))  # kn.yaml's
+    landed = [o["entry"] for o in outs if not o["entry"].metrics_after["skip"]]
+    assert len(outs) >= 4 and len(landed) >= len(outs) / 2
+    assert any(len({t["token"] for t in e.extra["tokens"]}) >= 2 for e in landed)  # more than the first token

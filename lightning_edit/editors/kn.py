@@ -88,14 +88,16 @@ class KNConfig:
     again with lambda1 and lambda2 times `lambda_growth`, at most this many times (0 = Dai et al.: one
     update). The update a token needs grows with the logit gap the model holds and shrinks with the
     knowledge neurons' activations, and neither is known before the edit: the search finds it per
-    token, on the same located neurons (one forward per attempt)."""
+    token, on the same located neurons (one forward per attempt). Measured: with `sweeps` 4 it lands
+    no more single edits on toyworld-gpt2 (50/50 at 0 and at 4), and in a 100-edit toyworld stream its
+    x16 updates cut the final mean from .108 to .033; kn.yaml keeps 0."""
     lambda_growth: float = 2.0
     """Factor on lambda1 and lambda2 between two attempts (with `lambda_retries` > 0)."""
     sweeps: int = 4
-    """Passes over the target tokens (ours; one token needs one): a later token's update can demote an
-    earlier one (its knowledge neurons fire there too), and each further pass re-edits the tokens that
-    are not the argmax; a pass that leaves every token the argmax ends the edit. Single edits on
-    toyworld-gpt2 (50, lambda_retries 4): 2 passes landed 47, 4 landed 50."""
+    """Passes over the target tokens (ours): a later token's update can demote an earlier one (its
+    knowledge neurons fire there too), and one update may fall short; each further pass re-edits the
+    tokens that are not the argmax, and a pass that leaves every token the argmax ends the edit.
+    Single edits on toyworld-gpt2 (50): 1 pass landed 44, 2 landed 46, 4 landed 50."""
     embedding: str = "output"
     """Word embedding of the update rule: "output" (unembedding rows) or "input" (input embeddings)."""
     quota: int = 10

@@ -78,7 +78,7 @@ def _check_edit(world, fact_index: int, new: str | None = None, **overrides) -> 
     for t in tokens:
         for (l, n), sign in zip(t["neurons"], t["signs"]):
             lam = editor.cfg.lambda2 * t["lambda_scale"]
-            step = sign * t["lambda_scale"] * (-adapter.unembedding_weight[t["old_token"]]) \
+            step = sign * t["lambda_scale"] * editor.cfg.lambda1 * (-adapter.unembedding_weight[t["old_token"]]) \
                 + sign * lam * adapter.unembedding_weight[t["token"]]
             expected[(l, n)] = expected.get((l, n), 0) + step
     for (l, n), delta in expected.items():
@@ -103,8 +103,8 @@ def test_one_edit_updates_its_value_slots_and_rolls_back(small_world):
 def test_targets_of_several_tokens_are_edited_token_by_token(gpt2_world):
     """On the byte-level BPE world, objects of several tokens: each token not yet the argmax gets its
     own knowledge neurons and update (editing only the first token, as before, lands none of these
-    whose later tokens are not already the argmax). With the shipped search (lambda_retries 4,
-    sweeps 4) most land; every landed one has every target token the argmax (`_check_edit`)."""
+    whose later tokens are not already the argmax). With the shipped passes (sweeps 4) most land;
+    every landed one has every target token the argmax (`_check_edit`)."""
     kb = gpt2_world.kb
     _, tok = load_model(str(gpt2_world.model_dir))
     outs = []
@@ -113,7 +113,17 @@ def test_targets_of_several_tokens_are_edited_token_by_token(gpt2_world):
         new = next(o for o in kb.relation(fact.relation).objects if o != fact.object)
         ids, start = target_positions(tok, prompt, new)
         if len(ids) - start >= 2:
-            outs.append(_check_edit(gpt2_world, i, new, lambda2=8.0, lambda_retries=4))  # kn.yaml's
+            outs.append(_check_edit(gpt2_world, i, new, lambda2=8.0))  # kn.yaml's
     landed = [o["entry"] for o in outs if not o["entry"].metrics_after["skip"]]
     assert len(outs) >= 4 and len(landed) >= len(outs) / 2
     assert any(len({t["token"] for t in e.extra["tokens"]}) >= 2 for e in landed)  # more than the first token
+
+
+def test_lambda_search_grows_the_update_until_the_token_flips(small_world):
+    """`lambda_retries`: an update too small to flip the token (lambdas 0.01 and 0.05) is undone and made again at
+    `lambda_growth` x the lambdas; the update that stays is the last attempt's (checked column by
+    column in `_check_edit`), and the token is the argmax."""
+    out = _check_edit(small_world, 3, lambda1=0.01, lambda2=0.05, lambda_retries=10)
+    (token,) = out["entry"].extra["tokens"]
+    assert out["entry"].metrics_after["skip"] == 0.0
+    assert token["lambda_scale"] in {2.0 ** k for k in range(1, 11)}

@@ -22,7 +22,7 @@ Gates:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class LatentView:
     """Reconstruction with the decoder as edited now, [B, S, d]."""
     valid: Tensor
     """Real (non-padding, non-special) tokens, [B, S] bool: sequence statistics average over these."""
+    past: int = 0
+    """Positions of these sequences that earlier forwards already saw (cached generation: the
+    prompt and the tokens generated so far); 0 for a forward over whole sequences."""
     edit_delta: Callable[[], Tensor] | None = None
     """Lazily: z_hat - z_hat_0 (the edits' contribution), [B, S, d]; None when nothing is edited."""
     _cache: dict = field(default_factory=dict)
@@ -174,8 +177,66 @@ class OverlapGate(ScopeGate):
         return max_jaccard(view.idx, view.acts > 0, masks)
 
 
-def max_jaccard(idx: Tensor, active: Tensor, masks: Tensor, chunk: int = 256) -> Tensor:
-    """max_e |A_s & M_e| / |A_s | M_e| for every position s, [B, S].
+
+class SubjectOverlapGate(OverlapGate):
+    """The overlap gate, plus a clause that uses each edit's subject keys (MicroEdit: the active
+    latents at the subject's last token in its prompt, and in the subject alone): position t is also
+    admitted for edit e when its own overlap with e's key is >= `low_tau` and some position s <= t
+    of the same sequence has overlap >= `subject_tau` with one of e's subject keys. A rephrase keeps the subject and changes the template (its
+    last token overlaps e's key only partly); a neighbourhood prompt keeps the template and changes
+    the subject (no position matches e's subject key), so the lower threshold only applies where
+    the subject is in the input.
+
+    Causal: the look-back is a running max over positions. With a KV cache, a forward over new
+    tokens (`view.past` > 0) continues the running max the gate kept from the forward before it on
+    the same sequences; any other forward starts afresh.
+    """
+
+    def __init__(self, tau: float, edit_masks: Callable[[], Tensor | None],
+                 subject_masks: Callable[[], Sequence[Tensor] | None], low_tau: float, subject_tau: float,
+                 unit: str = "token"):
+        super().__init__(tau, edit_masks, unit)
+        self.subject_masks = subject_masks  # -> [E, n] bool matrices, rows aligned with edit_masks (empty row: no key)
+        self.low_tau = float(low_tau)
+        self.subject_tau = float(subject_tau)
+        self._seen: Tensor | None = None  # [B, E] running max of the subject overlap so far
+        self._seen_len = 0
+
+    def reset(self) -> None:
+        self._seen, self._seen_len = None, 0
+
+    def subject_seen(self, view: LatentView, subjects: Sequence[Tensor]) -> Tensor:
+        """[B, S, E]: max over positions s <= t (real tokens only, earlier cached forwards included)
+        and over each edit's subject keys of their overlap with position s."""
+        active = view.acts > 0
+        now = torch.stack([jaccard(view.idx, active, m) for m in subjects]).amax(0)
+        now = now.masked_fill(~view.valid[..., None], 0.0)
+        B, E = now.shape[0], now.shape[-1]
+        carried = self._seen is not None and view.past > 0 and view.past == self._seen_len \
+            and self._seen.shape == (B, E)
+        if carried:
+            now = torch.cat([self._seen[:, None].to(now), now], 1)
+        run = now.cummax(1).values[:, 1:] if carried else now.cummax(1).values
+        self._seen, self._seen_len = run[:, -1].clone(), view.past + run.shape[1]
+        return run
+
+    def admit(self, view: LatentView) -> Tensor:
+        masks, subjects = self.edit_masks(), self.subject_masks()
+        if masks is None or masks.shape[0] == 0:
+            self.reset()
+            return torch.zeros(view.valid.shape, dtype=torch.bool, device=view.z.device)
+        last = jaccard(view.idx, view.acts > 0, masks)  # [B, S, E]
+        admit = last.amax(-1) >= self.tau
+        if subjects and all(m.shape[0] == masks.shape[0] for m in subjects):
+            both = (last >= self.low_tau) & (self.subject_seen(view, subjects) >= self.subject_tau)
+            admit = admit | both.any(-1)
+        if self.unit == "sequence":
+            admit = (admit & view.valid).any(-1, keepdim=True).expand_as(view.valid)
+        return admit
+
+
+def jaccard(idx: Tensor, active: Tensor, masks: Tensor, chunk: int = 256) -> Tensor:
+    """|A_s & M_e| / |A_s | M_e| for every position s and edit e, [B, S, E].
 
     idx, active: [B, S, k] (a latent counts when selected with a positive activation);
     masks: [E, n] bool. Chunked over edits so memory stays [chunk, B*S, k].
@@ -184,15 +245,23 @@ def max_jaccard(idx: Tensor, active: Tensor, masks: Tensor, chunk: int = 256) ->
     flat_idx = idx.reshape(-1, idx.shape[-1])
     flat_active = active.reshape(-1, idx.shape[-1])
     size_a = flat_active.sum(-1).float()  # [N]
-    best = torch.zeros(flat_idx.shape[0], device=idx.device)
     sizes_m = masks.sum(-1).float()  # [E]
+    out = []
     for start in range(0, masks.shape[0], chunk):
         block = masks[start:start + chunk]  # [c, n]
-        hits = block[:, flat_idx] & flat_active  # [c, N, k]
-        inter = hits.sum(-1).float()  # [c, N]
+        inter = (block[:, flat_idx] & flat_active).sum(-1).float()  # [c, N]
         union = size_a[None] + sizes_m[start:start + chunk, None] - inter
-        best = torch.maximum(best, (inter / union.clamp_min(1.0)).amax(0))
-    return best.reshape(lead)
+        out.append((inter / union.clamp_min(1.0)).T)
+    if not out:
+        return torch.zeros(*lead, 0, device=idx.device)
+    return torch.cat(out, -1).reshape(*lead, masks.shape[0])
+
+
+def max_jaccard(idx: Tensor, active: Tensor, masks: Tensor, chunk: int = 256) -> Tensor:
+    """max_e |A_s & M_e| / |A_s | M_e| for every position s, [B, S] (0 with no edit)."""
+    if masks.shape[0] == 0:
+        return torch.zeros(idx.shape[:-1], device=idx.device)
+    return jaccard(idx, active, masks, chunk).amax(-1)
 
 
 def embedding_bag_delta(idx: Tensor, acts: Tensor, slot: Tensor, delta_rows: Tensor) -> Tensor:

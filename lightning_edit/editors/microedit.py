@@ -50,6 +50,7 @@ from lightning_edit.editors.gates import (
     OverlapGate,
     OverlapNull,
     ScopeGate,
+    SubjectOverlapGate,
     ard_per_token,
     embedding_bag_delta,
 )
@@ -63,9 +64,10 @@ from lightning_edit.editors.microedit_stages import (
     substituting,
 )
 from lightning_edit.locate import Site, capture, evenly_spaced, run_until_captured
+from lightning_edit.locate.positions import subject_last_token, subject_span
 from lightning_edit.models import hidden_of, with_hidden
 from lightning_edit.sparse import save_sparse_coders
-from lightning_edit.tokens import padding_side, target_positions
+from lightning_edit.tokens import encode_prompt, padding_side, target_positions
 
 STATE_FORMAT = "lightning_edit.microedit/1"
 CONFLICTS = ("share", "own", "resolve")
@@ -126,7 +128,24 @@ class MicroEditConfig:
     every position of the reference lines that do not mention the edit's subject and hold the same
     token as the key's position (`gates.OverlapNull`). Not in the paper."""
     overlap_alpha: float = 0.05
-    """overlap_tau="calibrate": the family-wise false-admission rate. Not in the paper."""
+    """overlap_tau="calibrate" (and the subject gate's calibrated thresholds): the family-wise
+    false-admission rate. Not in the paper."""
+    subject_gate: bool = False
+    """With gate="overlap": each edit also keeps subject keys, the active latents at the subject's
+    last token in its prompt and in the subject alone (the record's `subject`); a position is then
+    also admitted for an edit when its own overlap with the edit's key is >= `subject_low_tau` and
+    some position at or before it (the gate looks back; cached generation keeps the running max)
+    overlaps one of the edit's subject keys by >= `subject_tau` (`gates.SubjectOverlapGate`). A
+    rephrase keeps the subject and changes the template; a neighbourhood prompt keeps the template
+    and changes the subject. Not in the paper."""
+    subject_tau: float | str = "calibrate"
+    """subject_gate: Jaccard threshold on the subject keys; "calibrate" = the family-wise rule of
+    overlap_tau="calibrate" over the live subject keys and their own null (reference positions off
+    the subject holding the key's token, other edits' subject keys of other subjects). Not in the paper."""
+    subject_low_tau: float | str = "calibrate"
+    """subject_gate: the lower threshold on the last-token overlap once the edit's subject is seen;
+    "calibrate" = the 1 - overlap_alpha quantile of the last-token null for one key (the subject
+    already picked the edit, so no union bound over the E keys). Not in the paper."""
     tau_quantile: float = 0.99
     """Quantile used by "calibrate". Not in the paper."""
     tau_schedule: list[list[float]] | None = None
@@ -199,7 +218,7 @@ class MicroEditConfig:
             raise bad("alpha", 'a positive number or "auto"')
         if not isinstance(self.alpha, str) and not self.alpha > 0:
             raise bad("alpha", 'a positive number or "auto"')
-        for name in ("tau", "delta_tau", "overlap_tau"):
+        for name in ("tau", "delta_tau", "overlap_tau", "subject_tau", "subject_low_tau"):
             if isinstance(getattr(self, name), str) and getattr(self, name) != "calibrate":
                 raise bad(name, 'a number or "calibrate"')
         if self.gate_unit is not None and self.gate_unit not in UNITS:
@@ -282,6 +301,10 @@ class MicroEdit(HeldRouting, Editor):
         """Null overlaps of the live keys, for overlap_tau="calibrate"."""
         self._null_stale = False
         self._said_no_null = False
+        self._subject_keys: dict[int, list[tuple[Tensor, int]]] = {}
+        """edit id -> (row ids, token) of its subject keys (subject_gate): in the prompt, and alone."""
+        self._subject_null = OverlapNull(self.sae.W_dec.shape[0])
+        """Null overlaps of the live subject keys, for subject_tau="calibrate"."""
         self._replays: dict[int, Replay] = {}  # edit id -> its input (conflict="resolve"); rebuilt from the ledger
         self._special_ids = torch.tensor(sorted(set(getattr(self.tokenizer, "all_special_ids", []) or [])),
                                          dtype=torch.long)
@@ -305,8 +328,10 @@ class MicroEdit(HeldRouting, Editor):
         stats = self.scope_statistics(lines, gates=("ard",), base=True, alpha=1.0)
         if self.cfg.alpha == "auto":
             self.alpha = float(stats["z_sq"].sum() / stats["n_tokens"].sum())
-        if self.cfg.overlap_tau == "calibrate":
-            self._null.set_reference(*self._reference_codes(lines), lines)
+        if self.cfg.overlap_tau == "calibrate" or self.cfg.subject_gate:
+            codes = self._reference_codes(lines)
+            self._null.set_reference(*codes, lines)
+            self._subject_null.set_reference(*codes, lines)
             self._null_stale = True
         self.reference_ard = stats["ard"] / self.alpha
         for gate in calibrated:
@@ -346,11 +371,7 @@ class MicroEdit(HeldRouting, Editor):
         masks = self.rows.masks
         if not masks:  # no live edit: nothing to admit
             return 1.0
-        if self._null_stale:
-            live = list(masks)
-            self._null.rebuild([masks[i] for i in live], [self._key_tokens.get(i, -1) for i in live],
-                               [self._subjects.get(i, str(i)) for i in live])
-            self._null_stale = False
+        self._refresh_nulls()
         tau = self._null.tau(len(masks), self.cfg.overlap_alpha)
         if tau is None:  # no reference corpus and no second edit yet: nothing to calibrate on
             if not self._said_no_null:
@@ -359,6 +380,82 @@ class MicroEdit(HeldRouting, Editor):
                 self._said_no_null = True
             return 1.0
         return tau
+
+    def _refresh_nulls(self) -> None:
+        """Recount the null overlaps of the live keys (and subject keys) after a reference corpus was
+        set, a rollback or a restored state."""
+        if not self._null_stale:
+            return
+        masks = self.rows.masks
+        live = list(masks)
+        self._null.rebuild([masks[i] for i in live], [self._key_tokens.get(i, -1) for i in live],
+                           [self._subjects.get(i, str(i)) for i in live])
+        if self.cfg.subject_gate:
+            pairs = [(key, token, self._subjects.get(i, str(i))) for i in live for key, token in self._subject_keys_of(i)]
+            if pairs:
+                self._subject_null.rebuild(*map(list, zip(*pairs)))
+            else:
+                self._subject_null.hist.zero_()
+        self._null_stale = False
+
+    def subject_taus(self) -> tuple[float, float]:
+        """(subject_tau, subject_low_tau) now: fixed, or calibrated (see their config fields); 1.0
+        (admit exact matches only) while there is no null to calibrate on."""
+        cfg = self.cfg
+        self._refresh_nulls()
+        if cfg.subject_tau == "calibrate":
+            n_keys = sum(len(keys) for keys in self._subject_keys.values())
+            subject = self._subject_null.tau(n_keys, cfg.overlap_alpha) if n_keys else None
+        else:
+            subject = float(cfg.subject_tau)
+        if cfg.subject_low_tau == "calibrate":
+            low = self._null.tau(1, cfg.overlap_alpha) if self.rows.masks else None
+        else:
+            low = float(cfg.subject_low_tau)
+        return (1.0 if subject is None else subject), (1.0 if low is None else low)
+
+    def _subject_matrices(self) -> list[Tensor] | None:
+        """The subject keys as [E, n] bool matrices aligned with `_mask_matrix`'s rows: one per kind
+        (in the prompt, alone); an edit without that key has an empty row."""
+        if "subject_masks" not in self._eval_cache:
+            ids = list(self.rows.masks)
+            out = [torch.zeros(len(ids), self.sae.W_dec.shape[0], dtype=torch.bool, device=self.device)
+                   for _ in range(2)]
+            for row, edit_id in enumerate(ids):
+                for kind, (key, _) in enumerate(self._subject_keys_of(edit_id)[:2]):
+                    out[kind][row, key] = True
+            self._eval_cache["subject_masks"] = out
+        return self._eval_cache["subject_masks"]
+
+    def _subject_keys_of(self, edit_id: int) -> list[tuple[Tensor, int]]:
+        """An edit's subject keys, computed from the ledger when missing (a state saved without them)."""
+        if edit_id not in self._subject_keys:
+            entry = next(e for e in self.ledger if e.edit_id == edit_id)
+            self._subject_keys[edit_id] = self._subject_codes(entry.prompt, self._subjects.get(edit_id))
+        return self._subject_keys[edit_id]
+
+    @torch.no_grad()
+    def _subject_codes(self, prompt: str, subject: str | None) -> list[tuple[Tensor, int]]:
+        """(active latents, token) at the subject's last token of `prompt`, and of the subject alone;
+        [] when the prompt does not contain the subject (the edit keeps its last-token key only)."""
+        if subject_span(prompt, subject) is None:
+            return []
+        out = []
+        for text, pos in ((prompt, subject_last_token(self.tokenizer, prompt, subject)),
+                          (subject.strip(), None)):
+            ids = torch.tensor([encode_prompt(self.tokenizer, text)], dtype=torch.long, device=self.device)
+            pos = ids.shape[1] - 1 if pos is None else pos
+            acts, idx = self.sae.encode(self._capture(ids, None)[0].to(self.sae.dtype))
+            out.append((idx[pos][acts[pos] > 0].unique(), int(ids[0, pos])))
+        return out
+
+    def _add_subject_null(self, edit_id: int, subject: str) -> None:
+        """Count an edit's subject keys' null overlaps (before they join the live ones)."""
+        masks = self._subject_matrices()
+        others = torch.cat(masks) if masks else None
+        other_subjects = [self._subjects.get(i, str(i)) for i in self.rows.masks] * len(masks or [])
+        for key, token in self._subject_keys_of(edit_id):
+            self._subject_null.add(key, token, subject, others, other_subjects)
 
     def _robust_keep(self) -> float:
         if self.cfg.robust_keep != "gate":
@@ -445,9 +542,13 @@ class MicroEdit(HeldRouting, Editor):
             with torch.no_grad():
                 ard_after = float(rec_loss(decoder.reconstruct()))
                 key_token = int(input_ids[0, prompt_pos[-1]])
+                if cfg.subject_gate:
+                    self._subject_keys[edit_id] = self._subject_codes(record.prompt, getattr(record, "subject", None))
                 if not self._null_stale:  # count the new key's null overlaps before it joins the keys
                     self._null.add(key, key_token, subject, self._mask_matrix(),
                                    [self._subjects.get(i, str(i)) for i in self.rows.masks])
+                    if cfg.subject_gate:
+                        self._add_subject_null(edit_id, subject)
                 self.rows.write(rows, before, after, edit_id, key)
                 self._subjects[edit_id], self._key_tokens[edit_id] = subject, key_token
                 if cfg.conflict == "resolve":
@@ -518,7 +619,7 @@ class MicroEdit(HeldRouting, Editor):
     def rollback(self, edit_id: int) -> None:
         """Undo edit `edit_id` (`EditedRows.rollback` says what happens to rows later edits touched)."""
         exact = self.rows.rollback(edit_id)
-        for table in (self._replays, self._subjects, self._key_tokens):
+        for table in (self._replays, self._subjects, self._key_tokens, self._subject_keys):
             table.pop(edit_id, None)
         self._null_stale = True
         self._eval_cache.clear()
@@ -550,6 +651,10 @@ class MicroEdit(HeldRouting, Editor):
             return ARDSwitch(tau, alpha, unit)
         if name == "delta":
             return DeltaGate(tau, alpha, unit)
+        if self.cfg.subject_gate:
+            self._subject_matrices()  # filled now: computing a missing key runs the model, not allowed inside its hook
+            subject_tau, low_tau = self.subject_taus()
+            return SubjectOverlapGate(tau, self._mask_matrix, self._subject_matrices, low_tau, subject_tau, unit)
         return OverlapGate(tau, self._mask_matrix, unit)
 
     def _mask_matrix(self) -> Tensor | None:
@@ -557,13 +662,13 @@ class MicroEdit(HeldRouting, Editor):
             self._eval_cache["masks"] = self.rows.mask_matrix()
         return self._eval_cache["masks"]
 
-    def _view(self, hidden: Tensor, valid: Tensor) -> LatentView:
+    def _view(self, hidden: Tensor, valid: Tensor, past: int = 0) -> LatentView:
         sae = self.sae
         z = hidden.to(sae.dtype)
         acts, idx = sae.encode(z)
         z_hat = sae.decode(acts, idx)
         edit_delta = functools.partial(self._edit_delta, idx, acts) if len(self.rows.changed_rows) else None
-        return LatentView(z=z, acts=acts, idx=idx, z_hat=z_hat, valid=valid, edit_delta=edit_delta)
+        return LatentView(z=z, acts=acts, idx=idx, z_hat=z_hat, valid=valid, past=past, edit_delta=edit_delta)
 
     def _edit_delta(self, idx: Tensor, acts: Tensor) -> Tensor:
         """The edits' share of the reconstruction (what the delta gate measures), [..., d]."""
@@ -580,13 +685,21 @@ class MicroEdit(HeldRouting, Editor):
             valid = valid & self._not_special(ids.to(hidden.device))
         return valid
 
+    def _past_length(self, hidden: Tensor) -> int:
+        """Positions before this forward's (a KV-cached generation step): the attention mask covers
+        them and the new tokens; 0 for a forward over whole sequences."""
+        mask = self._batch.get("attention_mask")
+        if mask is None or mask.dim() != 2 or mask.shape[0] != hidden.shape[0]:
+            return 0
+        return max(0, mask.shape[1] - hidden.shape[1])
+
     def _gate_hook(self, gate: ScopeGate):
         def hook(module, args, output):
             if self._inside_apply:
                 return None
             hidden = hidden_of(output)
             with torch.no_grad():
-                view = self._view(hidden, self._valid_for(hidden))
+                view = self._view(hidden, self._valid_for(hidden), self._past_length(hidden))
                 admit = gate.admit(view)
                 if self._hold and gate.unit == "sequence":  # generation: decide on the prompt, then hold
                     if self._held is None or self._held.shape[0] != admit.shape[0] or hidden.shape[1] > 1:
@@ -679,6 +792,8 @@ class MicroEdit(HeldRouting, Editor):
             "owner": rows["owner"],
             "subjects": {str(i): v for i, v in self._subjects.items()},
             "key_tokens": {str(i): v for i, v in self._key_tokens.items()},
+            "subject_keys": {str(i): [[key.tolist(), token] for key, token in keys]
+                             for i, keys in self._subject_keys.items()},
             "undo": rows["undo"],
             "ledger": self.ledger_state(),
         }
@@ -698,6 +813,9 @@ class MicroEdit(HeldRouting, Editor):
         self.reference_ard = None if ref is None else ref.clone()
         self._subjects = {int(i): v for i, v in (state.get("subjects") or {}).items()}
         self._key_tokens = {int(i): int(v) for i, v in (state.get("key_tokens") or {}).items()}
+        self._subject_keys = {int(i): [(torch.tensor(key, dtype=torch.long, device=self.device), int(token))
+                                       for key, token in keys]
+                              for i, keys in (state.get("subject_keys") or {}).items()}
         self._replays.clear()
         self._null_stale = True
         self.load_ledger(state["ledger"])

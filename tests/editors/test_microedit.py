@@ -360,3 +360,84 @@ def test_paper_preset_states_the_papers_values():
     assert (editor.gate, editor.mask_tokens, editor.lr, editor.alpha, editor.use_stage1) == ("ard", "all", 5e-5, 600, True)
     assert editor.tau_schedule == [[0, 0.5], [100, 0.55]] and editor.conflict == "share"
     assert "coder.expansion_factor=32" in editor.default_sae_overrides
+
+
+# --- the subject gate (subject_gate) ------------------------------------------------------------
+
+
+def _view(codes: list[list[int]], past: int = 0):
+    """A one-sequence LatentView whose position s has the active latents codes[s] (k = 4, n = 32)."""
+    from lightning_edit.editors.gates import LatentView
+
+    idx = torch.tensor([codes], dtype=torch.long)
+    z = torch.zeros(1, len(codes), 2)
+    return LatentView(z=z, acts=torch.ones(idx.shape), idx=idx, z_hat=z, valid=torch.ones(1, len(codes), dtype=torch.bool),
+                      past=past)
+
+
+def test_subject_gate_needs_the_subject_before_the_position_and_carries_it_across_a_cache():
+    from lightning_edit.editors.gates import SubjectOverlapGate
+
+    key = torch.zeros(1, 32, dtype=torch.bool)
+    key[0, [0, 1, 2, 3]] = True  # the edit's last-token key
+    subject = torch.zeros(1, 32, dtype=torch.bool)
+    subject[0, [10, 11, 12, 13]] = True
+    other, subj, partial = [20, 21, 22, 23], [10, 11, 12, 13], [0, 1, 24, 25]  # partial: Jaccard 1/3 with the key
+    gate = SubjectOverlapGate(0.5, lambda: key, lambda: [subject], low_tau=0.3, subject_tau=0.9)
+    assert gate.admit(_view([other, subj, partial])).tolist() == [[False, False, True]]
+    assert gate.admit(_view([other, partial, subj])).tolist() == [[False, False, False]]  # causal: no look-ahead
+    assert gate.admit(_view([other, partial])).tolist() == [[False, False]]  # no subject: the plain overlap gate
+    # a cached generation: the prompt, then one new token per forward, continues the running max
+    assert gate.admit(_view([other, subj])).tolist() == [[False, False]]
+    assert gate.admit(_view([partial], past=2)).tolist() == [[True]]
+    assert gate.admit(_view([partial], past=3)).tolist() == [[True]]
+    assert gate.admit(_view([partial])).tolist() == [[False]]  # a fresh forward forgets the subject
+    assert gate.admit(_view([partial], past=5)).tolist() == [[False]]  # a cache it did not see: no carry
+    strict = SubjectOverlapGate(0.5, lambda: key, lambda: [subject], low_tau=0.4, subject_tau=0.9)
+    assert strict.admit(_view([subj, partial])).tolist() == [[False, False]]  # below the lower threshold
+
+
+def test_subject_gate_keys_thresholds_state_and_cached_generation(small_world, small_sae, records, tmp_path):
+    from lightning_edit.editors.gates import OverlapGate, SubjectOverlapGate
+    from lightning_edit.editors.state import load_edit_state, save_edit_state
+
+    # a strict last-token tau (this world's rephrases overlap their key by 0.6-0.9) leaves rephrases to the subject clause
+    editor = make_microedit(small_world, small_sae, gate="overlap", overlap_tau=0.9, subject_gate=True)
+    editor.apply(records[:4])
+    gate = editor.make_gate()
+    assert isinstance(gate, SubjectOverlapGate)
+    subject_tau, low_tau = editor.subject_taus()  # calibrated from the nulls
+    assert 0.0 < low_tau < gate.tau and 0.0 < subject_tau < 1.0
+    in_prompt, alone = editor._subject_matrices()
+    assert in_prompt.sum(1).gt(0).all() and alone.sum(1).gt(0).all()  # every record's subject is in its prompt
+
+    def admitted(texts):
+        batch = editor.tokenizer(texts, return_tensors="pt", padding=True)
+        hidden = editor._capture(batch["input_ids"], batch["attention_mask"])
+        valid = batch["attention_mask"].bool() & editor._not_special(batch["input_ids"])
+        view = editor._view(hidden, valid)
+        last = valid.long().cumsum(1).argmax(1, keepdim=True)  # the last real token (either padding side)
+        wide, plain = gate.admit(view) & valid, OverlapGate(gate.tau, editor._mask_matrix).admit(view) & valid
+        return wide, plain, valid, wide.gather(1, last), plain.gather(1, last)
+
+    # on rephrases it admits every position the overlap gate admits, and more
+    rephrases = [q for r in records[:4] for q in r.rephrase_prompts]
+    wide, plain, _, wide_last, plain_last = admitted(rephrases)
+    assert bool((wide | ~plain).all()) and int(wide_last.sum()) > int(plain_last.sum())
+    # on reference lines about other subjects, its extra admissions stay within the family-wise rate
+    subjects = [r.subject for r in records[:4]]
+    lines = [l for l in small_world.corpus_path.read_text().splitlines()[300:700]
+             if l.strip() and not any(s in l for s in subjects)]
+    wide, plain, valid, _, _ = admitted(lines)
+    assert int((wide & ~plain).sum()) / int(valid.sum()) <= 0.05
+    # cached generation decides as whole-sequence forwards do
+    prompts = [r.prompt for r in records[:4]] + rephrases
+    cached = editor.generate(prompts, max_new_tokens=3)
+    assert cached == editor.generate(prompts, max_new_tokens=3, use_cache=False)
+    # the subject keys survive a state round trip (no model forward needed to rebuild them)
+    save_edit_state(editor, tmp_path / "state")
+    fresh = make_microedit(small_world, small_sae, gate="overlap", overlap_tau=0.9, subject_gate=True)
+    load_edit_state(fresh, tmp_path / "state")
+    assert fresh._subject_keys.keys() == editor._subject_keys.keys()
+    assert fresh.subject_taus() == (subject_tau, low_tau)
+    assert fresh.generate(prompts, max_new_tokens=3) == cached

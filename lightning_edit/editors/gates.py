@@ -17,6 +17,10 @@ Gates:
 - ``overlap`` ours: the largest Jaccard overlap between the input's active latents at a position and
               any one edit's row mask; admit iff >= tau.
 - ``none``    always substitute (the paper's "- Shunting Mechanism" ablation).
+
+``SubjectOverlapGate`` (MicroEdit's ``subject_gate`` switch) widens ``overlap``: a position whose
+overlap with an edit's key passes a lower threshold is admitted too when one of that edit's subject
+keys was matched at or before it (a causal look-back, carried across cached generation steps).
 """
 
 from __future__ import annotations

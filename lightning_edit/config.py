@@ -36,7 +36,7 @@ class ModelConfig:
 
     name: str = "toyworld"
     """HF hub id, local HF directory, or an embedded world name (`toyworld`, `toyworld-small`,
-    `toyworld-gpt2`, `toyworld-gpt2-small`)."""
+    `toyworld-gpt2`, `toyworld-gpt2-small`, `toyworld-gpt2-large`, `toyworld-mlp2048`, ...)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     device: str = "auto"

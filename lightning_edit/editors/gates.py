@@ -53,6 +53,8 @@ class LatentView:
     past: int = 0
     """Positions of these sequences that earlier forwards already saw (cached generation: the
     prompt and the tokens generated so far); 0 for a forward over whole sequences."""
+    input_ids: Tensor | None = None
+    """The forward's token ids, [B, S] (None when the model was called without them)."""
     edit_delta: Callable[[], Tensor] | None = None
     """Lazily: z_hat - z_hat_0 (the edits' contribution), [B, S, d]; None when nothing is edited."""
     _cache: dict = field(default_factory=dict)
@@ -182,6 +184,34 @@ class OverlapGate(ScopeGate):
 
 
 
+class StickyGate(ScopeGate):
+    """A token gate made sticky: once a position of a sequence is admitted, every later real
+    position of it is admitted too (MicroEdit's `gate_sticky`). The answer's later tokens then read
+    the edited reconstruction as the position that asked the question did: a causal counterpart of
+    the paper's sequence switch, which substitutes a whole admitted input and what is generated from
+    it. With a KV cache, a forward over new tokens (`view.past` > 0) continues the decisions of the
+    forward before it on the same sequences; any other forward starts afresh."""
+
+    def __init__(self, inner: ScopeGate):
+        if inner.unit != "token":
+            raise ValueError("a sticky gate needs a token gate (unit='token')")
+        super().__init__(inner.tau, inner.unit)
+        self.inner, self.name, self.admits_high = inner, inner.name, inner.admits_high
+        self._on: Tensor | None = None  # [B]: some position so far was admitted
+        self._len = 0
+
+    def statistic(self, view: LatentView) -> Tensor:
+        return self.inner.statistic(view)
+
+    def admit(self, view: LatentView) -> Tensor:
+        admit = self.inner.admit(view) & view.valid
+        run = admit.to(torch.uint8).cummax(1).values.bool()
+        if self._on is not None and view.past > 0 and view.past == self._len and self._on.shape[0] == admit.shape[0]:
+            run = run | self._on[:, None].to(run.device)
+        self._on, self._len = run[:, -1].clone(), view.past + run.shape[1]
+        return run & view.valid
+
+
 class SubjectOverlapGate(OverlapGate):
     """The overlap gate, plus a clause that uses each edit's subject keys (MicroEdit: the active
     latents at the subject's last token in its prompt, and in the subject alone): position t is also
@@ -198,9 +228,10 @@ class SubjectOverlapGate(OverlapGate):
 
     def __init__(self, tau: float, edit_masks: Callable[[], Tensor | None],
                  subject_masks: Callable[[], Sequence[Tensor] | None], low_tau: float, subject_tau: float,
-                 unit: str = "token"):
+                 unit: str = "token", subject_tokens: Callable[[], "SubjectTokens | None"] | None = None):
         super().__init__(tau, edit_masks, unit)
         self.subject_masks = subject_masks  # -> [E, n] bool matrices, rows aligned with edit_masks (empty row: no key)
+        self.subject_tokens = subject_tokens  # -> the subjects' token sequences (subject_key="tokens"), or None
         self.low_tau = float(low_tau)
         self.subject_tau = float(subject_tau)
         self._seen: Tensor | None = None  # [B, E] running max of the subject overlap so far
@@ -212,8 +243,12 @@ class SubjectOverlapGate(OverlapGate):
     def subject_seen(self, view: LatentView, subjects: Sequence[Tensor]) -> Tensor:
         """[B, S, E]: max over positions s <= t (real tokens only, earlier cached forwards included)
         and over each edit's subject keys of their overlap with position s."""
-        active = view.acts > 0
-        now = torch.stack([jaccard(view.idx, active, m) for m in subjects]).amax(0)
+        found = self.subject_tokens() if self.subject_tokens is not None else None
+        if found is not None and view.input_ids is not None:  # the subject's tokens end here: 1, else 0
+            now = found.hits(view.input_ids, len(subjects[0])).to(view.z.dtype)
+        else:
+            active = view.acts > 0
+            now = torch.stack([jaccard(view.idx, active, m) for m in subjects]).amax(0)
         now = now.masked_fill(~view.valid[..., None], 0.0)
         B, E = now.shape[0], now.shape[-1]
         carried = self._seen is not None and view.past > 0 and view.past == self._seen_len \
@@ -237,6 +272,34 @@ class SubjectOverlapGate(OverlapGate):
         if self.unit == "sequence":
             admit = (admit & view.valid).any(-1, keepdim=True).expand_as(view.valid)
         return admit
+
+
+class SubjectTokens:
+    """Each live edit's subject as token sequences (MicroEdit's `subject_key="tokens"`): where a
+    sequence of them ends in an input, that edit's subject has been read (an exact match on ids,
+    whatever the position: a model with absolute positions gives the same subject different latents
+    at different places)."""
+
+    def __init__(self, patterns: Sequence[Sequence[tuple[int, ...]]]):
+        self.by_pattern: dict[tuple[int, ...], list[int]] = {}
+        for edit, seqs in enumerate(patterns):
+            for seq in seqs:
+                if seq:
+                    self.by_pattern.setdefault(tuple(seq), []).append(edit)
+        self.lengths = sorted({len(p) for p in self.by_pattern})
+
+    def hits(self, input_ids: Tensor, n_edits: int) -> Tensor:
+        """[B, S, E] bool: an edit's subject tokens end at position s."""
+        B, S = input_ids.shape
+        out = torch.zeros(B, S, n_edits, dtype=torch.bool)
+        rows = input_ids.tolist()
+        for b, ids in enumerate(rows):
+            for n in self.lengths:
+                for end in range(n - 1, S):
+                    edits = self.by_pattern.get(tuple(ids[end - n + 1:end + 1]))
+                    if edits:
+                        out[b, end, edits] = True
+        return out.to(input_ids.device)
 
 
 def jaccard(idx: Tensor, active: Tensor, masks: Tensor, chunk: int = 256) -> Tensor:

@@ -50,9 +50,12 @@ from lightning_edit.editors.gates import (
     OverlapGate,
     OverlapNull,
     ScopeGate,
+    StickyGate,
     SubjectOverlapGate,
+    SubjectTokens,
     ard_per_token,
     embedding_bag_delta,
+    jaccard,
 )
 from lightning_edit.editors.microedit_stages import (
     EditedRows,
@@ -138,6 +141,12 @@ class MicroEditConfig:
     overlaps one of the edit's subject keys by >= `subject_tau` (`gates.SubjectOverlapGate`). A
     rephrase keeps the subject and changes the template; a neighbourhood prompt keeps the template
     and changes the subject. Not in the paper."""
+    subject_key: str = "latents"
+    """subject_gate: how the gate sees that an edit's subject was read: "latents" (the subject keys'
+    overlap >= subject_tau) or "tokens" (ours: the subject's own token ids occur in the input, as
+    they tokenize at the start of a text and after a space; exact, and blind to position, where a
+    model with learned absolute positions gives one subject different latents at different places).
+    Not in the paper."""
     subject_tau: float | str = "calibrate"
     """subject_gate: Jaccard threshold on the subject keys; "calibrate" = the family-wise rule of
     overlap_tau="calibrate" over the live subject keys and their own null (reference positions off
@@ -198,6 +207,18 @@ class MicroEditConfig:
     """Share of the edit's rows kept in each robust view; "gate" = the overlap gate's least admitted
     share, 2 tau / (1 + tau) (a position with Jaccard tau against a key of its own size holds that
     share of the key), or 0.5 with another gate. Not in the paper."""
+    gate_sticky: bool = False
+    """With a token gate: once a position is admitted, the later positions of the same sequence are
+    too (`gates.StickyGate`), so a multi-token answer's later tokens read the edited reconstruction
+    (the paper's sequence switch does this for a whole admitted input). Not in the paper."""
+    stage2_splice: str = "all"
+    """Where stage 2 substitutes the reconstruction z_hat for the residual z in the edit's own input
+    (and in replayed ones): "all" positions (Algorithm 1) or "gated" (ours, with gate="overlap"):
+    only the positions the gate will admit once the edit is live (the key's position, positions
+    whose overlap with the key passes the gate's tau, and, with subject_gate, those from the key's
+    position on that pass subject_low_tau), z elsewhere, as at inference. With "all", the target's
+    later tokens are trained on z_hat at positions the gate then leaves at z, so a multi-token edit
+    can end below the margin in training and not land. Not in the paper."""
     keep_undo_log: bool = True
     """Keep each edit's rows before/after it (needed for rollback; 2 |M| d floats per edit)."""
 
@@ -227,6 +248,10 @@ class MicroEditConfig:
             raise bad("subject_low_tau", 'a number, "half" or "calibrate"')
         if self.gate_unit is not None and self.gate_unit not in UNITS:
             raise bad("gate_unit", f"one of {', '.join(UNITS)} or null")
+        if self.stage2_splice not in ("all", "gated"):
+            raise bad("stage2_splice", '"all" or "gated"')
+        if self.subject_key not in ("latents", "tokens"):
+            raise bad("subject_key", '"latents" or "tokens"')
         if self.robust_views < 0:
             raise bad("robust_views", "an integer >= 0")
         if self.robust_keep != "gate" and (isinstance(self.robust_keep, str) or not 0 < self.robust_keep <= 1):
@@ -524,6 +549,10 @@ class MicroEdit(HeldRouting, Editor):
             subject = getattr(record, "subject", None) or record.prompt
             superseded = self._superseded(key, subject) if cfg.conflict == "resolve" else []
             replay = self._replay_batch(rows, set(superseded)) if cfg.conflict == "resolve" else []
+            splice = self._splice_mask(acts, idx, key, input_ids[0], prompt_pos[-1])
+            pass_through = None
+            if splice is not None:
+                pass_through = self._pass_through(z, splice, replay)
             decoder = MaskedDecoder(sae.W_dec, sae.b_dec, acts, idx, rows, [(r.acts, r.idx) for r in replay])
             optimizer = torch.optim.Adam([decoder.param], lr=cfg.lr)  # fresh per edit: Eq. 14 on M only
 
@@ -543,7 +572,7 @@ class MicroEdit(HeldRouting, Editor):
                     cfg.stage2_max_steps, cfg.stop_nll, holder, replay=replay, pad_id=self._pad_id(),
                     views=views, keep_share=self._robust_keep() if views else 1.0, seed=edit_id,
                     lazy_replay=cfg.resolve_lazy, active_set=cfg.resolve_active,
-                    log_hinge=cfg.resolve_hinge == "log", stats=replay_stats)
+                    log_hinge=cfg.resolve_hinge == "log", stats=replay_stats, pass_through=pass_through)
             before, after = decoder.before, decoder.param.detach().clone()
             with torch.no_grad():
                 ard_after = float(rec_loss(decoder.reconstruct()))
@@ -558,7 +587,7 @@ class MicroEdit(HeldRouting, Editor):
                 self.rows.write(rows, before, after, edit_id, key)
                 self._subjects[edit_id], self._key_tokens[edit_id] = subject, key_token
                 if cfg.conflict == "resolve":
-                    self._replays[edit_id] = Replay(input_ids[0], start, idx, acts)
+                    self._replays[edit_id] = Replay(input_ids[0], start, idx, acts, z=z, splice=splice)
                 self._eval_cache.clear()
         finally:
             self._inside_apply = False
@@ -616,11 +645,49 @@ class MicroEdit(HeldRouting, Editor):
                 entry = next(e for e in self.ledger if e.edit_id == other)
                 ids_o, start_o = target_positions(self.tokenizer, entry.prompt, entry.target)
                 ids_o = torch.tensor([ids_o], dtype=torch.long, device=self.device)
+                z_o = self._capture(ids_o, None)[0].to(self.sae.dtype)
                 with torch.no_grad():
-                    acts_o, idx_o = self.sae.encode(self._capture(ids_o, None)[0].to(self.sae.dtype))
-                self._replays[other] = Replay(ids_o[0], start_o, idx_o, acts_o)
+                    acts_o, idx_o = self.sae.encode(z_o)
+                key_o = self.rows.masks[other]
+                pos_o = self._not_special(ids_o[0])[:start_o].nonzero().squeeze(1)[-1]
+                self._replays[other] = Replay(ids_o[0], start_o, idx_o, acts_o, z=z_o,
+                                              splice=self._splice_mask(acts_o, idx_o, key_o, ids_o[0], pos_o))
             out.append(self._replays[other])
         return out
+
+    def _splice_mask(self, acts: Tensor, idx: Tensor, key: Tensor, input_ids: Tensor, key_pos: Tensor | int
+                     ) -> Tensor | None:
+        """stage2_splice="gated": [L] bool, the positions of an edit's input (prompt + target, codes
+        `acts`, `idx`) that the overlap gate will admit through the edit's own key (its position,
+        overlap >= the gate's tau, and with subject_gate overlap >= subject_low_tau from the key's
+        position on, where the subject has been read); None = every position ("all", other gates)."""
+        cfg = self.cfg
+        if cfg.stage2_splice != "gated" or cfg.effective_gate != "overlap":
+            return None
+        key_mask = torch.zeros(1, self.sae.W_dec.shape[0], dtype=torch.bool, device=idx.device)
+        key_mask[0, key] = True
+        overlap = jaccard(idx[None], acts[None] > 0, key_mask)[0, :, 0]  # [L]
+        admit = overlap >= self.overlap_tau()
+        if cfg.subject_gate:
+            later = torch.arange(len(overlap), device=overlap.device) >= int(key_pos)
+            admit |= later & (overlap >= self.subject_taus()[1])
+        admit[int(key_pos)] = True
+        admit &= self._not_special(input_ids)
+        if cfg.gate_sticky:
+            admit = admit.to(torch.uint8).cummax(0).values.bool() & self._not_special(input_ids)
+        return admit
+
+    @staticmethod
+    def _pass_through(z: Tensor, splice: Tensor, replay: Sequence[Replay]) -> tuple[Tensor, Tensor]:
+        """(z, splice) of the edit's input and each replayed one, right-padded: [B, L, d], [B, L]."""
+        items = [(z, splice)] + [(r.z, r.splice) for r in replay]
+        length = max(len(s) for _, s in items)
+        zs = z.new_zeros(len(items), length, z.shape[-1])
+        masks = torch.zeros(len(items), length, dtype=torch.bool, device=z.device)
+        for b, (z_b, s_b) in enumerate(items):
+            zs[b, :len(s_b)] = z_b
+            masks[b, :len(s_b)] = True if s_b is None else s_b
+        return zs, masks
 
     def rollback(self, edit_id: int) -> None:
         """Undo edit `edit_id` (`EditedRows.rollback` says what happens to rows later edits touched)."""
@@ -656,12 +723,33 @@ class MicroEdit(HeldRouting, Editor):
         if name == "ard":
             return ARDSwitch(tau, alpha, unit)
         if name == "delta":
-            return DeltaGate(tau, alpha, unit)
+            return self._sticky(DeltaGate(tau, alpha, unit))
         if self.cfg.subject_gate:
             self._subject_matrices()  # filled now: computing a missing key runs the model, not allowed inside its hook
             subject_tau, low_tau = self.subject_taus()
-            return SubjectOverlapGate(tau, self._mask_matrix, self._subject_matrices, low_tau, subject_tau, unit)
-        return OverlapGate(tau, self._mask_matrix, unit)
+            tokens = self._subject_token_table if self.cfg.subject_key == "tokens" else None
+            return self._sticky(SubjectOverlapGate(tau, self._mask_matrix, self._subject_matrices, low_tau,
+                                                   subject_tau, unit, tokens))
+        return self._sticky(OverlapGate(tau, self._mask_matrix, unit))
+
+    def _sticky(self, gate: ScopeGate) -> ScopeGate:
+        return StickyGate(gate) if self.cfg.gate_sticky and gate.unit == "token" else gate
+
+    def _subject_token_table(self) -> SubjectTokens:
+        """The live edits' subjects as token ids (subject_key="tokens"), rows as in `_mask_matrix`:
+        the subject at the start of a text and after a space; none for an edit without a subject."""
+        if "subject_tokens" not in self._eval_cache:
+            prompts = {e.edit_id: e.prompt for e in self.ledger}
+            patterns = []
+            for edit_id in self.rows.masks:
+                subject = self._subjects.get(edit_id)
+                seqs = []
+                if subject and subject.strip() and subject != prompts.get(edit_id):  # an edit without one keeps its prompt
+                    for text in (subject.strip(), " " + subject.strip()):
+                        seqs.append(tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+                patterns.append(seqs)
+            self._eval_cache["subject_tokens"] = SubjectTokens(patterns)
+        return self._eval_cache["subject_tokens"]
 
     def _mask_matrix(self) -> Tensor | None:
         if "masks" not in self._eval_cache:
@@ -674,7 +762,10 @@ class MicroEdit(HeldRouting, Editor):
         acts, idx = sae.encode(z)
         z_hat = sae.decode(acts, idx)
         edit_delta = functools.partial(self._edit_delta, idx, acts) if len(self.rows.changed_rows) else None
-        return LatentView(z=z, acts=acts, idx=idx, z_hat=z_hat, valid=valid, past=past, edit_delta=edit_delta)
+        ids = self._batch.get("input_ids")
+        ids = ids.to(hidden.device) if ids is not None and ids.shape == hidden.shape[:2] else None
+        return LatentView(z=z, acts=acts, idx=idx, z_hat=z_hat, valid=valid, past=past, edit_delta=edit_delta,
+                          input_ids=ids)
 
     def _edit_delta(self, idx: Tensor, acts: Tensor) -> Tensor:
         """The edits' share of the reconstruction (what the delta gate measures), [..., d]."""

@@ -88,6 +88,8 @@ class Replay:
     start: int  # first target position
     idx: Tensor  # [L, k]
     acts: Tensor  # [L, k]
+    z: Tensor | None = None  # [L, d]: layer l's output (stage2_splice="gated")
+    splice: Tensor | None = None  # [L] bool: positions stage 2 gives z_hat (None: every one)
 
 
 def stage1(decoder: MaskedDecoder, optimizer: torch.optim.Optimizer, rec_loss: Callable[[Tensor], Tensor],
@@ -110,7 +112,8 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
            max_steps: int, stop_nll: float, holder: dict[str, Tensor], replay: Sequence[Replay] = (),
            pad_id: int = 0, views: int = 0, keep_share: float = 1.0, seed: int = 0,
            lazy_replay: bool = False, active_set: bool = False, log_hinge: bool = False,
-           stats: dict[str, Any] | None = None) -> tuple[int, float, float]:
+           stats: dict[str, Any] | None = None,
+           pass_through: tuple[Tensor, Tensor] | None = None) -> tuple[int, float, float]:
     """Adam on rec_weight L_rec + L_edit (Eq. 10 + 11) with z_hat substituted at layer l (run inside
     `substituting(..., holder)`), until every target token's NLL is below `stop_nll` or `max_steps`.
     Returns (steps, mean target NLL before, after).
@@ -128,6 +131,9 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     shrinks with the NLL itself, so near a margin of 0.01 the plain hinge barely pulls against L_rec.
     views (robust views): the edit's input is also trained in `views` copies in which only a random
     share `keep_share` of M carries the edit.
+    pass_through: (z [B, L, d], splice [B, L] bool) for the edit's input and the replayed ones:
+    positions outside `splice` get z instead of z_hat (stage2_splice="gated": as the gate will
+    route them); L_rec is taken on z_hat all the same.
     stats: filled with "replay_joint_steps" (steps that carried replayed inputs), "replay_checks",
     "replay_broken" (replayed edits above their limit at the end) and "replay_forwards" (replayed
     inputs run).
@@ -150,7 +156,9 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
     for steps in range(max_steps + 1):
         with_replay = bool(replay) and (joint or check)
         sel = [0] + (everyone if check or not active_set else active) if with_replay else [0]
-        z_hat_b = decoder.reconstruct_batch()
+        z_rec = decoder.reconstruct_batch()
+        z_hat_b = z_rec if pass_through is None else torch.where(pass_through[1][..., None], z_rec,
+                                                                 pass_through[0].to(z_rec.dtype))
         z_hat_b = z_hat_b[:1] if len(sel) == 1 else z_hat_b[sel]
         ids = batch_ids[sel]
         if with_replay:
@@ -158,7 +166,10 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
             counts["replay_checks" if check else "replay_joint_steps"] += 1
         if views:
             keep = (torch.rand(views, n_rows, generator=gen) < keep_share).to(z_hat_b.device)
-            z_hat_v = F.pad(decoder.reconstruct_views(keep), (0, 0, 0, decoder.length - n_in))
+            z_hat_v = decoder.reconstruct_views(keep)
+            if pass_through is not None:
+                z_hat_v = torch.where(pass_through[1][0, :n_in, None], z_hat_v, pass_through[0][0, :n_in].to(z_hat_v.dtype))
+            z_hat_v = F.pad(z_hat_v, (0, 0, 0, decoder.length - n_in))
             holder["z_hat"] = torch.cat([z_hat_b, z_hat_v])
             ids = torch.cat([ids, batch_ids[:1].expand(views, -1)])
         else:
@@ -169,7 +180,7 @@ def stage2(model: nn.Module, input_ids: Tensor, start: int, decoder: MaskedDecod
         if steps == 0:
             nll_before = nll_after
         done = nll.max().item() < stop_nll
-        loss = rec_weight * rec_loss(z_hat_b[0, :n_in]) + nll.mean()  # Eq. 10 + Eq. 11
+        loss = rec_weight * rec_loss(z_rec[0, :n_in]) + nll.mean()  # Eq. 10 + Eq. 11
         n_b = len(sel)
         if views:  # the partial views: the target at the margin too
             view_nll = F.cross_entropy(logits[n_b:, start - 1:n_in - 1].float().flatten(0, 1),

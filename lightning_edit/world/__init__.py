@@ -4,6 +4,7 @@ Lightning, plus ZsRE / CounterFact / corpus / multiple-choice exports.
 - `toyworld` (default; `toyworld-small` for tests): people, a word-level tokenizer, a tiny Llama.
 - `toyworld-gpt2` (`toyworld-gpt2-small`): companies, multi-token objects, a byte-level BPE, a tiny
   GPT-2 of another width and depth.
+  `toyworld-gpt2-large`: the same with 1,200 facts (a 1,000-edit stream).
 - `codeworld` (`codeworld-small`): Java -> D programs and a tiny code LM with controlled systematic
   mistakes, for the code benchmarks (built by `lightning_edit.code.world`, cached the same way).
 

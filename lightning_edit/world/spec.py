@@ -267,3 +267,11 @@ def mlp_variant(spec: WorldSpec, intermediate_size: int) -> WorldSpec:
 
 
 SPECS.update({f"toyworld-mlp{n}": mlp_variant(SPECS["toyworld"], n) for n in MLP_WIDTHS})
+
+LARGE_GPT2_SUBJECTS = 200
+"""`toyworld-gpt2-large`: `toyworld-gpt2` (same model shape, tokenizer kind, recipe and seed) with 200
+companies, 1,200 facts instead of 720, so that a lifelong stream of 1,000 edits exists on the GPT-2
+world too (issue 15's T = 1000 bar; at T = 720 toyworld-gpt2 has no unedited fact left)."""
+
+SPECS["toyworld-gpt2-large"] = replace(SPECS["toyworld-gpt2"],
+                                       world=replace(SPECS["toyworld-gpt2"].world, n_subjects=LARGE_GPT2_SUBJECTS))

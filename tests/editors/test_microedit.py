@@ -452,3 +452,66 @@ def test_subject_gate_keys_thresholds_state_and_cached_generation(small_world, s
     assert fresh._subject_keys.keys() == editor._subject_keys.keys()
     assert fresh.subject_taus() == (subject_tau, low_tau)
     assert fresh.generate(prompts, max_new_tokens=3) == cached
+
+
+# --- the sticky gate (gate_sticky), token subject keys (subject_key), the gated splice (stage2_splice) ----
+
+
+def test_sticky_gate_admits_every_later_position_and_carries_it_across_a_cache():
+    from lightning_edit.editors.gates import OverlapGate, StickyGate
+
+    key = torch.zeros(1, 32, dtype=torch.bool)
+    key[0, [0, 1, 2, 3]] = True
+    other, hit = [20, 21, 22, 23], [0, 1, 2, 3]
+    plain = OverlapGate(0.5, lambda: key)
+    gate = StickyGate(OverlapGate(0.5, lambda: key))
+    assert plain.admit(_view([other, hit, other, other])).tolist() == [[False, True, False, False]]
+    assert gate.admit(_view([other, hit, other, other])).tolist() == [[False, True, True, True]]
+    assert gate.admit(_view([other, other])).tolist() == [[False, False]]  # causal: nothing admitted yet
+    assert gate.admit(_view([other, hit])).tolist() == [[False, True]]
+    assert gate.admit(_view([other], past=2)).tolist() == [[True]]  # a cached step continues the sequence
+    assert gate.admit(_view([other])).tolist() == [[False]]  # a fresh forward starts afresh
+    with pytest.raises(ValueError, match="token gate"):
+        StickyGate(OverlapGate(0.5, lambda: key, unit="sequence"))
+
+
+def test_token_subject_keys_find_the_subject_at_any_position():
+    from lightning_edit.editors.gates import SubjectOverlapGate, SubjectTokens
+
+    key = torch.zeros(2, 32, dtype=torch.bool)
+    key[0, [0, 1, 2, 3]] = True
+    key[1, [4, 5, 6, 7]] = True
+    no_latent_key = [torch.zeros(2, 32, dtype=torch.bool)]  # the latent subject keys never match
+    table = SubjectTokens([[(7, 8)], [(9,)]])  # edit 0's subject is the ids 7 8, edit 1's is 9
+    assert table.hits(torch.tensor([[1, 7, 8, 9]]), 2).tolist() == [[[False, False], [False, False], [True, False],
+                                                                       [False, True]]]
+    partial = [0, 1, 24, 25]  # Jaccard 1/3 with edit 0's key
+    gate = SubjectOverlapGate(0.5, lambda: key, lambda: no_latent_key, low_tau=0.3, subject_tau=0.9,
+                              subject_tokens=lambda: table)
+    view = _view([[20, 21, 22, 23]] * 3 + [partial])
+    view.input_ids = torch.tensor([[7, 8, 5, 6]])
+    assert gate.admit(view).tolist() == [[False, False, False, True]]  # the subject ends at 1, the position is 3
+    view = _view([[20, 21, 22, 23]] * 3 + [partial])
+    view.input_ids = torch.tensor([[5, 7, 6, 9]])  # edit 0's ids apart, edit 1's subject (its key does not overlap)
+    assert gate.admit(view).tolist() == [[False, False, False, False]]
+
+
+def test_sticky_tokens_and_gated_splice_on_a_real_edit(small_world, small_sae, records):
+    editor = make_microedit(small_world, small_sae, gate="overlap", subject_gate=True, subject_key="tokens",
+                            gate_sticky=True, stage2_splice="gated")
+    record = records[0]
+    ids, start = target_positions(editor.tokenizer, record.prompt, record.target_new)
+    input_ids = torch.tensor(ids)
+    acts, idx = editor.sae.encode(editor._capture(input_ids[None], None)[0])
+    key_pos = editor._not_special(input_ids)[:start].nonzero().squeeze(1)[-1]
+    key = idx[key_pos][acts[key_pos] > 0].unique()
+    splice = editor._splice_mask(acts, idx, key, input_ids, key_pos)
+    assert splice[key_pos:].all() and splice.tolist() == sorted(splice.tolist())  # sticky: from the first admitted on
+    editor.apply([record])
+    assert editor.mark_landed(editor.ledger) == [True]  # trained as the gate routes it, so it lands under the gate
+    prompts = [record.prompt] + list(record.rephrase_prompts)
+    assert editor.generate(prompts, max_new_tokens=3) == editor.generate(prompts, max_new_tokens=3, use_cache=False)
+    with pytest.raises(ValueError, match="editor.subject_key"):
+        MicroEditConfig(subject_key="names")
+    with pytest.raises(ValueError, match="editor.stage2_splice"):
+        MicroEditConfig(stage2_splice="some")

@@ -270,3 +270,16 @@ def test_resolve_model_path(small_world):
     assert resolve_model_path("gpt2") is None
     assert resolve_model_path("meta-llama/Meta-Llama-3-8B") is None
     assert World.open(small_world.root).kb == small_world.kb
+
+
+def test_large_gpt2_world_is_toyworld_gpt2_with_more_companies(tmp_path):
+    """`toyworld-gpt2-large` (issue 15's T = 1000 stream on the GPT-2 world): toyworld-gpt2's model,
+    tokenizer kind and recipe, more companies, enough facts for 1,000 edits with neighbours left over."""
+    from dataclasses import replace
+
+    name, base = "toyworld-gpt2-large", SPECS["toyworld-gpt2"]
+    spec = SPECS[name]
+    assert name in WORLD_NAMES and replace(spec, world=base.world) == base
+    kb, kb_base = spec.world.generate(0), base.world.generate(0)
+    assert len(kb.facts) >= 1100 > len(kb_base.facts) and len(kb.subjects) == len(set(kb.subjects))
+    assert world_dir(name, 0, tmp_path) != world_dir("toyworld-gpt2", 0, tmp_path)

@@ -332,6 +332,7 @@ class MicroEdit(HeldRouting, Editor):
         self._said_no_null = False
         self._subject_keys: dict[int, list[tuple[Tensor, int]]] = {}
         """edit id -> (row ids, token) of its subject keys (subject_gate): in the prompt, and alone."""
+        self._subject_ids: dict[str, list[tuple[int, ...]]] = {}  # subject -> its token ids (subject_key="tokens")
         self._subject_null = OverlapNull(self.sae.W_dec.shape[0])
         """Null overlaps of the live subject keys, for subject_tau="calibrate"."""
         self._replays: dict[int, Replay] = {}  # edit id -> its input (conflict="resolve"); rebuilt from the ledger
@@ -587,7 +588,8 @@ class MicroEdit(HeldRouting, Editor):
                 self.rows.write(rows, before, after, edit_id, key)
                 self._subjects[edit_id], self._key_tokens[edit_id] = subject, key_token
                 if cfg.conflict == "resolve":
-                    self._replays[edit_id] = Replay(input_ids[0], start, idx, acts, z=z, splice=splice)
+                    self._replays[edit_id] = Replay(input_ids[0], start, idx, acts,
+                                                    z=None if splice is None else z, splice=splice)
                 self._eval_cache.clear()
         finally:
             self._inside_apply = False
@@ -672,10 +674,10 @@ class MicroEdit(HeldRouting, Editor):
             later = torch.arange(len(overlap), device=overlap.device) >= int(key_pos)
             admit |= later & (overlap >= self.subject_taus()[1])
         admit[int(key_pos)] = True
-        admit &= self._not_special(input_ids)
+        real = self._not_special(input_ids)
         if cfg.gate_sticky:
-            admit = admit.to(torch.uint8).cummax(0).values.bool() & self._not_special(input_ids)
-        return admit
+            admit = (admit & real).to(torch.uint8).cummax(0).values.bool()
+        return admit & real
 
     @staticmethod
     def _pass_through(z: Tensor, splice: Tensor, replay: Sequence[Replay]) -> tuple[Tensor, Tensor]:
@@ -686,7 +688,7 @@ class MicroEdit(HeldRouting, Editor):
         masks = torch.zeros(len(items), length, dtype=torch.bool, device=z.device)
         for b, (z_b, s_b) in enumerate(items):
             zs[b, :len(s_b)] = z_b
-            masks[b, :len(s_b)] = True if s_b is None else s_b
+            masks[b, :len(s_b)] = s_b
         return zs, masks
 
     def rollback(self, edit_id: int) -> None:
@@ -743,11 +745,13 @@ class MicroEdit(HeldRouting, Editor):
             patterns = []
             for edit_id in self.rows.masks:
                 subject = self._subjects.get(edit_id)
-                seqs = []
-                if subject and subject.strip() and subject != prompts.get(edit_id):  # an edit without one keeps its prompt
-                    for text in (subject.strip(), " " + subject.strip()):
-                        seqs.append(tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-                patterns.append(seqs)
+                if not subject or not subject.strip() or subject == prompts.get(edit_id):  # no subject: its prompt
+                    patterns.append([])
+                    continue
+                if subject not in self._subject_ids:  # tokenised once per subject, not at every rebuild
+                    self._subject_ids[subject] = [tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                                                  for text in (subject.strip(), " " + subject.strip())]
+                patterns.append(self._subject_ids[subject])
             self._eval_cache["subject_tokens"] = SubjectTokens(patterns)
         return self._eval_cache["subject_tokens"]
 
